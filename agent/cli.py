@@ -1,0 +1,170 @@
+"""The devpi-agent command line.
+
+Exit codes: 0 success, 1 a step failed, 2 invalid config (nothing touched),
+3 could not start (not root, another run holds the lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from agent import __version__, log
+from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
+from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
+from agent.facts import os_release, systemd_running
+from agent.files import Files
+from agent.log import redactor
+from agent.runner import ShRunner
+from agent.steps import STEPS, Context
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANNOT_START = 0, 1, 2, 3
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="The agent's TOML config.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Also log every command run (debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
+    """Converge this host into a private PyPI server: devpi behind Caddy, HTTPS and basic auth."""
+    ctx.obj = {"verbose": verbose}
+
+
+def _load_or_exit(path: Path) -> Config:
+    try:
+        config = load(path)
+    except ConfigError as error:
+        click.echo(f"devpi-agent: invalid config: {error}", err=True)
+        click.echo("nothing was changed on this host", err=True)
+        sys.exit(EXIT_CONFIG)
+    for user in config.users:
+        redactor.add(user.password, user=user.name)
+    return config
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        click.echo("devpi-agent: must run as root (try: sudo devpi-agent ...)", err=True)
+        sys.exit(EXIT_CANNOT_START)
+
+
+def _context(config: Config, *, check: bool) -> Context:
+    return Context(
+        config=config,
+        runner=ShRunner(),
+        files=Files(check=check),
+        os=os_release(),
+        systemd=systemd_running(),
+        check=check,
+    )
+
+
+def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> RunReport:
+    log.configure(verbose=verbose)
+    logger = log.get()
+    ctx = _context(config, check=check)
+    logger.info(
+        "plan" if check else "apply",
+        version=__version__,
+        config=str(config.path),
+        os=ctx.os.pretty,
+        systemd=ctx.systemd,
+    )
+    try:
+        with single_run(LOCK_FILE, lock_timeout):
+            report = run_steps(ctx, STEPS)
+    except LockTimeout as error:
+        logger.error("locked", error=str(error))
+        click.echo(f"devpi-agent: {error}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    logger.info(
+        "recap",
+        ok=report.count("ok"),
+        changed=report.count("changed"),
+        failed=report.count("failed"),
+        skipped=report.skipped,
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def _print_diffs(report: RunReport) -> None:
+    for change in report.file_changes:
+        click.echo(redactor(change.diff), nl=False)
+
+
+def _finish(report: RunReport) -> NoReturn:
+    sys.exit(EXIT_FAILED if report.failed else EXIT_OK)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document; logs go to stderr.")
+@click.option(
+    "--diff", "show_diff", is_flag=True, help="Show a unified diff of every file changed."
+)
+@click.option(
+    "--lock-timeout",
+    type=float,
+    default=300,
+    show_default=True,
+    help="Seconds to wait for another run to finish.",
+)
+@click.pass_context
+def apply(
+    ctx: click.Context, config_path: Path, as_json: bool, show_diff: bool, lock_timeout: float
+) -> None:
+    """Converge this host to the config; a second run changes nothing."""
+    config = _load_or_exit(config_path)
+    _require_root()
+    report = _converge(config, check=False, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+    else:
+        if show_diff:
+            _print_diffs(report)
+        _print_summary(report)
+    _finish(report)
+
+
+@main.command()
+@config_option
+@click.option("--lock-timeout", type=float, default=300, show_default=True)
+@click.pass_context
+def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
+    """Show what apply would change, with diffs of the files; changes nothing."""
+    config = _load_or_exit(config_path)
+    _require_root()
+    report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
+    _print_diffs(report)
+    for step in report.steps:
+        for change in step.changes:
+            click.echo(f"{step.name}: would {change}")
+    _print_summary(report)
+    _finish(report)
+
+
+def _print_summary(report: RunReport) -> None:
+    for step in report.steps:
+        if step.error:
+            click.echo(f"{step.name}: FAILED: {redactor(step.error)}")
+    click.echo(report.recap())
+
+
+@main.command()
+def version() -> None:
+    """Print the agent's version."""
+    click.echo(f"devpi-agent {__version__}")

@@ -1,0 +1,490 @@
+"""The agent's configuration: parsed once from TOML into frozen dataclasses, validated up front.
+
+Nothing on the host is touched while parsing; every problem raises ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - CPython 3.10 has no tomllib; tomli is the same parser
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/devpi-agent/config.toml")
+BCRYPT_MAX_PASSWORD_BYTES = 72
+
+# devpi versions the agent installs unless the config pins others.
+DEFAULT_DEVPI_SERVER_VERSION = "6.20.3"
+DEFAULT_DEVPI_WEB_VERSION = "5.1.1"
+DEFAULT_DEVPI_CLIENT_VERSION = "7.3.0"
+
+TlsMode = Literal["acme", "internal"]
+CaddySource = Literal["distro", "official"]
+Indexer = Literal["null", "whoosh"]
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?(\.post[0-9]+)?(\.dev[0-9]+)?$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})$")
+
+
+class ConfigError(Exception):
+    """An invalid configuration; `key` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    domain: str
+    https_port: int = 443
+    http_port: int = 80
+    tls: TlsMode = "acme"
+    acme_email: str | None = None
+    caddy_admin: str = "localhost:2019"
+
+    @property
+    def outside_url(self) -> str:
+        """The https URL clients use, as devpi must write it into links."""
+        host = f"[{self.domain}]" if ":" in self.domain else self.domain
+        port = "" if self.https_port == 443 else f":{self.https_port}"
+        return f"https://{host}{port}"
+
+
+@dataclass(frozen=True)
+class DevpiConfig:
+    port: int = 4040
+    user: str = "devpi"
+    home: Path = Path("/var/lib/devpi")
+    venv: Path = Path("/opt/devpi-agent/venv")
+    root_password_file: Path = Path("/etc/devpi-agent/root.pass")
+    server_version: str = DEFAULT_DEVPI_SERVER_VERSION
+    web_version: str = DEFAULT_DEVPI_WEB_VERSION
+    client_version: str = DEFAULT_DEVPI_CLIENT_VERSION
+    indexer: Indexer = "null"
+
+    @property
+    def serverdir(self) -> Path:
+        return self.home / "server"
+
+    @property
+    def secretfile(self) -> Path:
+        return self.home / "secret"
+
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        return (
+            f"devpi-server=={self.server_version}",
+            f"devpi-web=={self.web_version}",
+            f"devpi-client=={self.client_version}",
+        )
+
+
+@dataclass(frozen=True)
+class AptConfig:
+    upgrade: bool = False
+    lock_timeout: int = 600
+
+
+@dataclass(frozen=True)
+class CaddyConfig:
+    source: CaddySource = "distro"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str = field(repr=False)
+    password_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Index:
+    user: str
+    index: str
+    bases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.user}/{self.index}"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    devpi: DevpiConfig = DevpiConfig()
+    apt: AptConfig = AptConfig()
+    caddy: CaddyConfig = CaddyConfig()
+    users: tuple[User, ...] = ()
+    indexes: tuple[Index, ...] = ()
+    path: Path | None = None
+
+    def secrets(self) -> list[str]:
+        """Every password the config holds, for log redaction."""
+        return [user.password for user in self.users]
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table being consumed: every key read is ticked off, leftovers are unknown keys."""
+
+    def __init__(self, data: Mapping[str, Any], key: str) -> None:
+        self.data = data
+        self.key = key
+        self.seen: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = ...) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(self.path(name), "required setting is missing")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; TOML keeps them apart, so do we.
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(self.path(name), f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise ConfigError(
+                self.path(name), f"expected {_kind_name(kinds)}, got {_describe(value)}"
+            )
+        return value
+
+    def table(self, name: str) -> _Table:
+        value = self.get(name, dict, {})
+        return _Table(value, self.path(name))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.path(unknown[0]), "unknown setting")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _port(table: _Table, name: str, default: int, *, allow_zero: bool = False) -> int:
+    value: int = table.get(name, int, default)
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(table.path(name), f"port {value} is outside {low}-65535")
+    return value
+
+
+def _choice(table: _Table, name: str, choices: tuple[str, ...], default: str) -> str:
+    value: str = table.get(name, str, default)
+    if value not in choices:
+        wanted = ", ".join(f'"{c}"' for c in choices)
+        raise ConfigError(table.path(name), f"{value!r} is not one of {wanted}")
+    return value
+
+
+def _absolute_path(table: _Table, name: str, default: Path) -> Path:
+    value = table.get(name, str, str(default))
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(table.path(name), f"{value!r} is not an absolute path")
+    return path
+
+
+def _version(table: _Table, name: str, default: str) -> str:
+    value: str = table.get(name, str, default)
+    if not _VERSION.match(value):
+        raise ConfigError(table.path(name), f"{value!r} is not a release version like {default}")
+    return value
+
+
+def _check_domain(key: str, domain: str) -> None:
+    try:
+        ipaddress.ip_address(domain)
+        return
+    except ValueError:
+        pass
+    labels = domain.rstrip(".").split(".")
+    if len(domain) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+        raise ConfigError(key, f"{domain!r} is neither a DNS name nor an IP address")
+
+
+def _parse_server(table: _Table) -> ServerConfig:
+    domain: str = table.get("domain", str)
+    _check_domain(table.path("domain"), domain)
+    https_port = _port(table, "https_port", 443)
+    http_port = _port(table, "http_port", 80, allow_zero=True)
+    if http_port == https_port:
+        raise ConfigError(table.path("http_port"), "must differ from server.https_port")
+    tls = _choice(table, "tls", ("acme", "internal"), "acme")
+    email: str | None = table.get("acme_email", str, None)
+    if email is not None and not _EMAIL.match(email):
+        raise ConfigError(table.path("acme_email"), f"{email!r} is not an e-mail address")
+    if tls == "acme":
+        try:
+            ipaddress.ip_address(domain)
+            raise ConfigError(
+                table.path("tls"),
+                f'"acme" needs a DNS name, not the IP address {domain}; use tls = "internal"',
+            )
+        except ValueError:
+            pass
+    admin: str = table.get("caddy_admin", str, "localhost:2019")
+    match = _HOST_PORT.match(admin)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(table.path("caddy_admin"), f"{admin!r} is not host:port")
+    table.finish()
+    return ServerConfig(
+        domain=domain,
+        https_port=https_port,
+        http_port=http_port,
+        tls=tls,  # type: ignore[arg-type]
+        acme_email=email,
+        caddy_admin=admin,
+    )
+
+
+def _parse_devpi(table: _Table) -> DevpiConfig:
+    defaults = DevpiConfig()
+    port = _port(table, "port", defaults.port)
+    user: str = table.get("user", str, defaults.user)
+    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user) or user == "root":
+        raise ConfigError(table.path("user"), f"{user!r} is not a valid unprivileged user name")
+    devpi = DevpiConfig(
+        port=port,
+        user=user,
+        home=_absolute_path(table, "home", defaults.home),
+        venv=_absolute_path(table, "venv", defaults.venv),
+        root_password_file=_absolute_path(table, "root_password_file", defaults.root_password_file),
+        server_version=_version(table, "server_version", defaults.server_version),
+        web_version=_version(table, "web_version", defaults.web_version),
+        client_version=_version(table, "client_version", defaults.client_version),
+        indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
+    )
+    table.finish()
+    return devpi
+
+
+def _parse_apt(table: _Table) -> AptConfig:
+    upgrade: bool = table.get("upgrade", bool, False)
+    lock_timeout: int = table.get("lock_timeout", int, 600)
+    if lock_timeout < 0:
+        raise ConfigError(table.path("lock_timeout"), "must be 0 or more seconds")
+    table.finish()
+    return AptConfig(upgrade=upgrade, lock_timeout=lock_timeout)
+
+
+def _parse_caddy(table: _Table) -> CaddyConfig:
+    source = _choice(table, "source", ("distro", "official"), "distro")
+    table.finish()
+    return CaddyConfig(source=source)  # type: ignore[arg-type]
+
+
+def _check_password(key: str, password: str) -> None:
+    if not password:
+        raise ConfigError(key, "password is empty")
+    if len(password.encode()) > BCRYPT_MAX_PASSWORD_BYTES:
+        raise ConfigError(
+            key, f"password is longer than {BCRYPT_MAX_PASSWORD_BYTES} bytes (bcrypt's limit)"
+        )
+    if any(ch in password for ch in "\r\n\x00"):
+        raise ConfigError(key, "password contains a line break or NUL")
+
+
+def read_password_file(key: str, path: Path) -> str:
+    """A password file holds the password on its first line; a trailing newline is ignored."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key, f"password file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(key, f"password file {path} is not readable") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"password file {path} is a directory") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"password file {path} is not UTF-8") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    _check_password(key, password)
+    return password
+
+
+def _parse_users(items: list[Any]) -> tuple[User, ...]:
+    users: list[User] = []
+    for position, item in enumerate(items):
+        key = f"users[{position}]"
+        if not isinstance(item, dict):
+            raise ConfigError(key, f"expected a table, got {_describe(item)}")
+        table = _Table(item, key)
+        name: str = table.get("name", str)
+        if not _DEVPI_NAME.match(name):
+            raise ConfigError(
+                table.path("name"), f"{name!r} is not a valid user name (letters, digits, . _ -)"
+            )
+        if name == "root":
+            raise ConfigError(
+                table.path("name"), '"root" is devpi\'s admin, managed by devpi.root_password_file'
+            )
+        if any(u.name == name for u in users):
+            raise ConfigError(table.path("name"), f"user {name!r} is declared twice")
+        password: str | None = table.get("password", str, None)
+        password_file_value: str | None = table.get("password_file", str, None)
+        table.finish()
+        if (password is None) == (password_file_value is None):
+            raise ConfigError(key, "give exactly one of password or password_file")
+        password_file: Path | None = None
+        if password_file_value is not None:
+            password_file = Path(password_file_value)
+            if not password_file.is_absolute():
+                raise ConfigError(
+                    table.path("password_file"), f"{password_file_value!r} is not absolute"
+                )
+            password = read_password_file(table.path("password_file"), password_file)
+        else:
+            assert password is not None
+            _check_password(table.path("password"), password)
+        users.append(User(name=name, password=password, password_file=password_file))
+    return tuple(users)
+
+
+def _split_index_name(key: str, value: object) -> tuple[str, str]:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {_describe(value)}")
+    parts = value.split("/")
+    if len(parts) != 2 or not all(_DEVPI_NAME.match(p) for p in parts):
+        raise ConfigError(key, f"{value!r} is not of the form user/index")
+    return parts[0], parts[1]
+
+
+def _parse_indexes(items: list[Any], users: tuple[User, ...]) -> tuple[Index, ...]:
+    declared_users = {u.name for u in users}
+    indexes: list[Index] = []
+    for position, item in enumerate(items):
+        key = f"indexes[{position}]"
+        if not isinstance(item, dict):
+            raise ConfigError(key, f"expected a table, got {_describe(item)}")
+        table = _Table(item, key)
+        user, name = _split_index_name(table.path("name"), table.get("name", str))
+        if user == "root":
+            raise ConfigError(table.path("name"), "indexes of root are managed by devpi itself")
+        if user not in declared_users:
+            raise ConfigError(table.path("name"), f"user {user!r} is not declared in [[users]]")
+        if any(i.user == user and i.index == name for i in indexes):
+            raise ConfigError(table.path("name"), f"index {user}/{name} is declared twice")
+        bases_value: list[Any] = table.get("bases", list, [])
+        bases: list[str] = []
+        for n, base in enumerate(bases_value):
+            base_key = f"{table.path('bases')}[{n}]"
+            bases.append("/".join(_split_index_name(base_key, base)))
+            if bases[-1] in bases[:-1]:
+                raise ConfigError(base_key, f"{bases[-1]!r} is listed twice")
+        table.finish()
+        indexes.append(Index(user=user, index=name, bases=tuple(bases)))
+    _check_bases(indexes)
+    return tuple(indexes)
+
+
+def _check_bases(indexes: list[Index]) -> None:
+    declared = {i.name: i for i in indexes}
+    for position, index in enumerate(indexes):
+        for n, base in enumerate(index.bases):
+            if base != "root/pypi" and base not in declared:
+                raise ConfigError(
+                    f"indexes[{position}].bases[{n}]",
+                    f"{base!r} is neither root/pypi nor an index declared in [[indexes]]",
+                )
+    # A cycle of bases makes devpi recurse forever on lookups.
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join([*trail[trail.index(name) :], name])
+            position = next(p for p, i in enumerate(indexes) if i.name == name)
+            raise ConfigError(f"indexes[{position}].bases", f"bases form a cycle: {cycle}")
+        state[name] = 1
+        for base in declared[name].bases if name in declared else ():
+            visit(base, [*trail, name])
+        state[name] = 2
+
+    for index in indexes:
+        visit(index.name, [])
+
+
+def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Turn a TOML document into a validated Config, or raise ConfigError."""
+    top = _Table(data, "")
+    if "server" not in data:
+        raise ConfigError("server", "the [server] table is required (it holds the domain)")
+    server = _parse_server(top.table("server"))
+    devpi = _parse_devpi(top.table("devpi"))
+    apt = _parse_apt(top.table("apt"))
+    caddy = _parse_caddy(top.table("caddy"))
+    users = _parse_users(_array_of_tables(top, "users"))
+    if not users:
+        raise ConfigError("users", "declare at least one [[users]]: the index is password-protected")
+    indexes = _parse_indexes(_array_of_tables(top, "indexes"), users)
+    top.finish()
+    for name, port in (("https_port", server.https_port), ("http_port", server.http_port)):
+        if port == devpi.port:
+            raise ConfigError("devpi.port", f"port {port} is already server.{name}")
+    return Config(
+        server=server,
+        devpi=devpi,
+        apt=apt,
+        caddy=caddy,
+        users=users,
+        indexes=indexes,
+        path=path,
+    )
+
+
+def _array_of_tables(top: _Table, name: str) -> list[Any]:
+    value: list[Any] = top.get(name, list, [])
+    return value
+
+
+def load(path: Path) -> Config:
+    """Read and validate the config file at `path`."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError("", f"config file {path} is not readable (run as root?)") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config file {path} is a directory") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError("", f"{path} is not UTF-8 (byte {error.start})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("", f"{path} is not valid TOML: {error}") from None
+    return parse(data, path)

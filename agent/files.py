@@ -1,0 +1,224 @@
+"""Files on the host: rendered from units/, compared with what is there, written atomically.
+
+In check mode (plan) nothing is written; the would-be change is recorded as a unified diff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import grp
+import os
+import pwd
+import stat
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jinja2
+
+from agent.resources import units_dir
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: Path
+    diff: str
+
+
+@cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(units_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+
+
+def render(template: str, **variables: Any) -> str:
+    """Render units/<template> with the given variables; a missing variable is an error."""
+    return _templates().get_template(template).render(**variables)
+
+
+class Ownership(NamedTuple):
+    uid: int
+    gid: int
+
+
+def lookup_owner(owner: str, group: str) -> Ownership:
+    return Ownership(pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid)
+
+
+class Files:
+    """Every file the agent writes goes through here."""
+
+    def __init__(self, *, check: bool = False, root: Path = Path("/"), chown: bool = True) -> None:
+        self.check = check
+        self.root = root
+        self.chown = chown
+        self.changes: list[FileChange] = []
+
+    def host_path(self, path: Path) -> Path:
+        """Where `path` (absolute, as on the host) really is; tests point root at a temp dir."""
+        return self.root / path.relative_to("/")
+
+    def read(self, path: Path) -> str | None:
+        try:
+            return self.host_path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def exists(self, path: Path) -> bool:
+        return self.host_path(path).exists()
+
+    def _owner(self, owner: str, group: str) -> Ownership | None:
+        if not self.chown:
+            return None
+        try:
+            return lookup_owner(owner, group)
+        except KeyError:
+            if self.check:
+                # The user may be created by an earlier step of the same run.
+                return None
+            raise
+
+    def ensure_file(
+        self,
+        path: Path,
+        content: str | bytes,
+        *,
+        mode: int,
+        owner: str = "root",
+        group: str = "root",
+        secret: bool = False,
+        record: bool = True,
+    ) -> bool:
+        """Make `path` hold exactly `content` with this owner and mode; True if it changed.
+
+        record=False is for the agent's own scratch files, which are no change to report.
+        """
+        data = content.encode() if isinstance(content, str) else content
+        real = self.host_path(path)
+        wanted_owner = self._owner(owner, group)
+        try:
+            current = real.read_bytes()
+            st = real.stat()
+        except FileNotFoundError:
+            current, st = None, None
+        content_differs = current != data
+        meta_differs = st is not None and (
+            stat.S_IMODE(st.st_mode) != mode
+            or (wanted_owner is not None and (st.st_uid, st.st_gid) != wanted_owner)
+        )
+        if not content_differs and not meta_differs:
+            return False
+        if record:
+            self.changes.append(
+                FileChange(path, _describe_change(path, current, data, st, mode, secret=secret))
+            )
+        if not self.check:
+            if content_differs:
+                atomic_write(real, data, mode=mode, owner=wanted_owner)
+            else:
+                if wanted_owner is not None:
+                    os.chown(real, wanted_owner.uid, wanted_owner.gid)
+                os.chmod(real, mode)
+        return True
+
+    def ensure_dir(
+        self, path: Path, *, mode: int, owner: str = "root", group: str = "root"
+    ) -> bool:
+        real = self.host_path(path)
+        wanted_owner = self._owner(owner, group)
+        try:
+            st = real.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(f"{path} exists and is not a directory")
+            same_owner = wanted_owner is None or (st.st_uid, st.st_gid) == wanted_owner
+            if stat.S_IMODE(st.st_mode) == mode and same_owner:
+                return False
+        what = "create" if st is None else f"set mode {mode:04o} / owner {owner}:{group}"
+        self.changes.append(FileChange(path, f"directory {path}: {what}\n"))
+        if not self.check:
+            real.mkdir(parents=True, exist_ok=True)
+            if wanted_owner is not None:
+                os.chown(real, wanted_owner.uid, wanted_owner.gid)
+            os.chmod(real, mode)
+        return True
+
+    def remove(self, path: Path, *, record: bool = True) -> bool:
+        real = self.host_path(path)
+        if not real.exists():
+            return False
+        if record:
+            self.changes.append(FileChange(path, f"remove {path}\n"))
+        if not self.check:
+            real.unlink()
+            _fsync_dir(real.parent)
+        return True
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int, owner: Ownership | None) -> None:
+    """Temp file in the same directory, owner and mode set before any byte lands, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _describe_change(
+    path: Path,
+    current: bytes | None,
+    wanted: bytes,
+    st: os.stat_result | None,
+    mode: int,
+    *,
+    secret: bool,
+) -> str:
+    lines: list[str] = []
+    if st is not None and stat.S_IMODE(st.st_mode) != mode:
+        lines.append(f"mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}\n")
+    if current == wanted:
+        return "".join(lines) or f"owner of {path} changes\n"
+    if secret:
+        lines.append(f"{path}: secret content {'created' if current is None else 'changed'}\n")
+        return "".join(lines)
+    before = current.decode("utf-8", "replace").splitlines(keepends=True) if current else []
+    after = wanted.decode("utf-8", "replace").splitlines(keepends=True)
+    lines.extend(
+        difflib.unified_diff(
+            before,
+            after,
+            fromfile="/dev/null" if current is None else str(path),
+            tofile=str(path),
+        )
+    )
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)

@@ -1,0 +1,85 @@
+"""What every step gets: the config, the runner, the file writer, and a way to report changes.
+
+A step looks at the host, compares with the config, and acts only on the difference:
+
+    if ctx.change("install caddy"):
+        ctx.runner.run([...])
+
+`ctx.change` records the change and returns False in check mode, so the same code plans and applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import log
+from agent.config import Config
+from agent.facts import OsRelease
+from agent.files import Files
+from agent.runner import Runner
+
+STATE_DIR = Path("/var/lib/devpi-agent")
+PENDING_DIR = STATE_DIR / "pending"
+
+
+class StepFailed(Exception):
+    """A step could not reach its goal; the message says what and why, for a person."""
+
+
+@dataclass
+class Context:
+    config: Config
+    runner: Runner
+    files: Files
+    os: OsRelease
+    systemd: bool
+    check: bool = False
+    changes: list[str] = field(default_factory=list)
+    log: Any = field(default_factory=log.get)
+    _pending_in_memory: set[str] = field(default_factory=set)
+
+    def change(self, description: str, **details: Any) -> bool:
+        """Record a change; True if it should be carried out (False in check mode)."""
+        self.changes.append(description)
+        self.log.info("would change" if self.check else "change", what=description, **details)
+        return not self.check
+
+    def write(self, path: Path, content: str | bytes, **kwargs: Any) -> bool:
+        """ensure_file with the change recorded under this step."""
+        changed = self.files.ensure_file(path, content, **kwargs)
+        if changed:
+            self.change(f"write {path}")
+        return changed
+
+    def mkdir(self, path: Path, **kwargs: Any) -> bool:
+        changed = self.files.ensure_dir(path, **kwargs)
+        if changed:
+            self.change(f"make directory {path}")
+        return changed
+
+    # A service restart that was due when a run died must still happen on the next run, so
+    # "restart needed" lives on disk until the restart succeeded.
+    def mark_pending(self, what: str) -> None:
+        self._pending_in_memory.add(what)
+        if not self.check:
+            marker = self.files.host_path(PENDING_DIR / what)
+            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            marker.touch(mode=0o600)
+
+    def is_pending(self, what: str) -> bool:
+        return what in self._pending_in_memory or self.files.exists(PENDING_DIR / what)
+
+    def clear_pending(self, what: str) -> None:
+        self._pending_in_memory.discard(what)
+        if not self.check:
+            self.files.host_path(PENDING_DIR / what).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    converge: Callable[[Context], None]
+    description: str

@@ -1,0 +1,200 @@
+"""Caddy in front of devpi: HTTPS, basic auth with the devpi users' passwords, /+changelog closed.
+
+A new Caddyfile is checked with `caddy validate` (as the caddy user, so no second CA appears under
+/root) before it replaces the live one; the reload goes through Caddy's admin API. If the reload
+fails, the previous file is put back and reloaded, and the step fails.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+
+from agent.facts import caddy_version
+from agent.files import render
+from agent.runner import Result
+from agent.steps.base import Context, StepFailed
+from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
+
+NAME = "caddy"
+CADDYFILE = Path("/etc/caddy/Caddyfile")
+CANDIDATE = Path("/etc/caddy/.Caddyfile.devpi-agent-candidate")
+RELOAD_PENDING = "caddy-reload"
+BCRYPT_ROUNDS = 12
+# Debian and Ubuntu 24.04 both ship 2.6.2; assumed when Caddy is not installed yet (plan).
+DISTRO_CADDY_VERSION = (2, 6, 2)
+_HASH_LINE = re.compile(r"^\s+(?P<user>\S+)\s+(?P<hash>\$2[aby]\$\d\d\$[./A-Za-z0-9]{53})\s*$")
+
+
+@dataclass(frozen=True)
+class BasicAuthUser:
+    name: str
+    hash: str
+
+
+def basic_auth_directive(version: tuple[int, int, int]) -> str:
+    """`basicauth` was renamed `basic_auth` in 2.8.0; 2.6 rejects the new name."""
+    return "basic_auth" if version >= (2, 8, 0) else "basicauth"
+
+
+def existing_hashes(caddyfile: str | None) -> dict[str, str]:
+    hashes: dict[str, str] = {}
+    for line in (caddyfile or "").splitlines():
+        match = _HASH_LINE.match(line)
+        if match:
+            hashes[match["user"]] = match["hash"]
+    return hashes
+
+
+def hash_for(name: str, password: str, previous: dict[str, str]) -> str:
+    """Keep the hash already in the file while it still matches: no churn on re-runs."""
+    old = previous.get(name)
+    if old and bcrypt.checkpw(password.encode(), old.encode()):
+        return old
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
+
+
+def content(ctx: Context, version: tuple[int, int, int], current: str | None) -> str:
+    server = ctx.config.server
+    previous = existing_hashes(current)
+    users = [
+        BasicAuthUser(u.name, hash_for(u.name, u.password, previous)) for u in ctx.config.users
+    ]
+    host = f"[{server.domain}]" if ":" in server.domain else server.domain
+    return render(
+        "Caddyfile.j2",
+        admin=server.caddy_admin,
+        http_port=server.http_port,
+        https_port=server.https_port,
+        tls=server.tls,
+        acme_email=server.acme_email,
+        site=f"{host}:{server.https_port}",
+        basic_auth_directive=basic_auth_directive(version),
+        users=users,
+        devpi_port=ctx.config.devpi.port,
+        outside_url=server.outside_url,
+    )
+
+
+def caddy_home() -> str:
+    try:
+        return pwd.getpwnam("caddy").pw_dir
+    except KeyError:
+        return "/var/lib/caddy"
+
+
+def run_as_caddy(ctx: Context, *args: str, check: bool = False) -> Result:
+    home = caddy_home()
+    return ctx.runner.run(
+        ["caddy", *args],
+        user="caddy",
+        cwd=home,
+        env={
+            "HOME": home,
+            "XDG_DATA_HOME": f"{home}/.local/share",
+            "XDG_CONFIG_HOME": f"{home}/.config",
+        },
+        check=check,
+        timeout=120,
+    )
+
+
+def validate(ctx: Context, candidate: str) -> None:
+    ctx.files.ensure_file(
+        CANDIDATE, candidate, mode=0o640, owner="root", group="caddy", record=False
+    )
+    try:
+        result = run_as_caddy(ctx, "validate", "--config", str(CANDIDATE), "--adapter", "caddyfile")
+    finally:
+        ctx.files.remove(CANDIDATE, record=False)
+    if not result.ok:
+        raise StepFailed(
+            "caddy validate rejected the new Caddyfile; the live one is unchanged:\n"
+            + result.tail()
+        )
+
+
+def reload(ctx: Context) -> Result:
+    return run_as_caddy(
+        ctx, "reload", "--config", str(CADDYFILE), "--adapter", "caddyfile", "--force"
+    )
+
+
+def ensure_started(ctx: Context) -> bool:
+    """Start Caddy if nothing runs it; True if it was started (and so read the new file)."""
+    if ctx.systemd:
+        active = ctx.runner.run(["systemctl", "is-active", "caddy"], check=False).stdout.strip()
+        enabled = ctx.runner.run(["systemctl", "is-enabled", "caddy"], check=False).stdout.strip()
+        if active == "active" and enabled == "enabled":
+            return False
+        if ctx.change("enable and start caddy.service"):
+            ctx.runner.run(["systemctl", "enable", "caddy"], timeout=60)
+            if active != "active":
+                ctx.runner.run(["systemctl", "start", "caddy"], timeout=120, check=False)
+                return True
+        return False
+    program = render(
+        "supervisor-caddy.conf.j2",
+        caddyfile=CADDYFILE,
+        home=caddy_home(),
+        log_file=LOG_DIR / "caddy.log",
+    )
+    started = ensure_program(ctx, "caddy", program)
+    if not ctx.check and program_state(ctx, "caddy") != "RUNNING":
+        ensure_running(ctx, "caddy", restart=False)
+        return True
+    return started
+
+
+def wait_for_https(ctx: Context, timeout: float = 30) -> None:
+    port = ctx.config.server.https_port
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise StepFailed(
+                    f"Caddy does not accept connections on port {port}: {error}"
+                ) from None
+            time.sleep(0.2)
+
+
+def converge(ctx: Context) -> None:
+    installed = caddy_version(ctx.runner)
+    if installed is None and not ctx.check:
+        raise StepFailed("caddy is not installed or `caddy version` fails")
+    version = installed or DISTRO_CADDY_VERSION
+    current = ctx.files.read(CADDYFILE)
+    wanted = content(ctx, version, current)
+    if wanted != current and not ctx.check:
+        validate(ctx, wanted)
+    if ctx.write(CADDYFILE, wanted, mode=0o640, owner="root", group="caddy") and wanted != current:
+        ctx.mark_pending(RELOAD_PENDING)
+
+    started = ensure_started(ctx)
+    if ctx.check:
+        return
+    if ctx.is_pending(RELOAD_PENDING) and not started and ctx.change("reload caddy"):
+        result = reload(ctx)
+        if not result.ok:
+            _roll_back(ctx, current)
+            raise StepFailed(
+                f"caddy reload failed; the previous Caddyfile is back:\n{result.tail()}"
+            )
+    wait_for_https(ctx)
+    ctx.clear_pending(RELOAD_PENDING)
+
+
+def _roll_back(ctx: Context, previous: str | None) -> None:
+    if previous is None:
+        return
+    ctx.files.ensure_file(CADDYFILE, previous, mode=0o640, owner="root", group="caddy")
+    reload(ctx)

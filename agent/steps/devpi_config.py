@@ -1,0 +1,30 @@
+"""devpi-server's own config file, rendered from units/devpi-server.yml.j2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.files import render
+from agent.steps.base import Context
+
+NAME = "devpi-config"
+CONFIG_DIR = Path("/etc/devpi-server")
+CONFIG_FILE = CONFIG_DIR / "devpi-server.yml"
+
+
+def content(ctx: Context) -> str:
+    devpi = ctx.config.devpi
+    return render(
+        "devpi-server.yml.j2",
+        serverdir=devpi.serverdir,
+        secretfile=devpi.secretfile,
+        port=devpi.port,
+        outside_url=ctx.config.server.outside_url,
+        indexer=devpi.indexer,
+    )
+
+
+def converge(ctx: Context) -> None:
+    ctx.mkdir(CONFIG_DIR, mode=0o755)
+    if ctx.write(CONFIG_FILE, content(ctx), mode=0o644):
+        ctx.mark_pending("devpi-server-restart")

@@ -1,0 +1,92 @@
+"""devpi's one-time set-up: the root password, the signing secret, and the server directory.
+
+devpi-init refuses to run twice (it checks <serverdir>/.nodeinfo), so it is guarded; it runs into
+a temporary directory that is renamed into place, so a run killed mid-init leaves no half-made
+server directory behind. Both commands run as the service user, whose files they create.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+
+from agent.config import ConfigError, read_password_file
+from agent.log import redactor
+from agent.steps.base import Context, StepFailed
+from agent.steps.devpi_config import CONFIG_FILE
+
+NAME = "devpi-init"
+
+
+def root_password(ctx: Context) -> str | None:
+    """The devpi root password from its file; None if it does not exist yet."""
+    path = ctx.config.devpi.root_password_file
+    if not ctx.files.exists(path):
+        return None
+    try:
+        password = read_password_file("devpi.root_password_file", ctx.files.host_path(path))
+    except ConfigError as error:
+        raise StepFailed(str(error)) from None
+    redactor.add(password, user="root")
+    return password
+
+
+def ensure_root_password(ctx: Context) -> str:
+    password = root_password(ctx)
+    if password is None:
+        password = secrets.token_urlsafe(32)
+        redactor.add(password, user="root")
+        path = ctx.config.devpi.root_password_file
+        ctx.mkdir(path.parent, mode=0o700)
+        ctx.write(path, password + "\n", mode=0o600, secret=True)
+    return password
+
+
+def converge(ctx: Context) -> None:
+    devpi = ctx.config.devpi
+    password = ensure_root_password(ctx)
+    bin_dir = devpi.venv / "bin"
+
+    if not ctx.files.exists(devpi.secretfile) and ctx.change(
+        f"generate devpi's secret {devpi.secretfile}"
+    ):
+        ctx.runner.run(
+            [str(bin_dir / "devpi-gen-secret"), "--secretfile", str(devpi.secretfile)],
+            user=devpi.user,
+            cwd=str(devpi.home),
+            timeout=120,
+        )
+
+    if ctx.files.exists(devpi.serverdir / ".nodeinfo"):
+        return
+    real_serverdir = ctx.files.host_path(devpi.serverdir)
+    if real_serverdir.exists() and any(real_serverdir.iterdir()):
+        raise StepFailed(
+            f"{devpi.serverdir} holds files but no .nodeinfo, so it is not a devpi server "
+            "directory; move it away (the agent never deletes data)"
+        )
+    staging = devpi.serverdir.with_name(devpi.serverdir.name + ".init")
+    if ctx.change(f"initialise devpi's server directory {devpi.serverdir}"):
+        real_staging = ctx.files.host_path(staging)
+        if real_staging.exists():
+            shutil.rmtree(real_staging)
+        if real_serverdir.exists():
+            real_serverdir.rmdir()
+        ctx.runner.run(
+            [
+                str(bin_dir / "devpi-init"),
+                "--configfile",
+                str(CONFIG_FILE),
+                "--serverdir",
+                str(staging),
+            ],
+            user=devpi.user,
+            cwd=str(devpi.home),
+            # The environment keeps the password out of argv (and so out of ps).
+            env={"DEVPISERVER_ROOT_PASSWD": password},
+            timeout=600,
+        )
+        if not (real_staging / ".nodeinfo").exists():
+            raise StepFailed(f"devpi-init finished but {staging}/.nodeinfo is missing")
+        real_staging.rename(real_serverdir)
+        ctx.mark_pending("devpi-server-restart")
