@@ -216,7 +216,7 @@ def _absolute_path(table: _Table, name: str, default: Path) -> Path:
 
 def _version(table: _Table, name: str, default: str) -> str:
     value: str = table.get(name, str, default)
-    if not _VERSION.match(value):
+    if not _VERSION.fullmatch(value):
         raise ConfigError(table.path(name), f"{value!r} is not a release version like {default}")
     return value
 
@@ -228,7 +228,7 @@ def _check_domain(key: str, domain: str) -> None:
     except ValueError:
         pass
     labels = domain.rstrip(".").split(".")
-    if len(domain) > 253 or not all(_HOSTNAME_LABEL.match(label) for label in labels):
+    if len(domain) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
         raise ConfigError(key, f"{domain!r} is neither a DNS name nor an IP address")
 
 
@@ -241,7 +241,7 @@ def _parse_server(table: _Table) -> ServerConfig:
         raise ConfigError(table.path("http_port"), "must differ from server.https_port")
     tls = _choice(table, "tls", ("acme", "internal"), "acme")
     email: str | None = table.get("acme_email", str, None)
-    if email is not None and not _EMAIL.match(email):
+    if email is not None and not _EMAIL.fullmatch(email):
         raise ConfigError(table.path("acme_email"), f"{email!r} is not an e-mail address")
     if tls == "acme":
         try:
@@ -253,7 +253,7 @@ def _parse_server(table: _Table) -> ServerConfig:
         except ValueError:
             pass
     admin: str = table.get("caddy_admin", str, "localhost:2019")
-    match = _HOST_PORT.match(admin)
+    match = _HOST_PORT.fullmatch(admin)
     if not match or not 1 <= int(match["port"]) <= 65535:
         raise ConfigError(table.path("caddy_admin"), f"{admin!r} is not host:port")
     table.finish()
@@ -271,7 +271,7 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
     defaults = DevpiConfig()
     port = _port(table, "port", defaults.port)
     user: str = table.get("user", str, defaults.user)
-    if not re.match(r"^[a-z_][a-z0-9_-]{0,31}$", user) or user == "root":
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) or user == "root":
         raise ConfigError(table.path("user"), f"{user!r} is not a valid unprivileged user name")
     devpi = DevpiConfig(
         port=port,
@@ -304,8 +304,8 @@ def _parse_caddy(table: _Table) -> CaddyConfig:
 
 
 def _check_password(key: str, password: str) -> None:
-    if not password:
-        raise ConfigError(key, "password is empty")
+    if len(password) < 8:
+        raise ConfigError(key, "password is shorter than 8 characters")
     if len(password.encode()) > BCRYPT_MAX_PASSWORD_BYTES:
         raise ConfigError(
             key, f"password is longer than {BCRYPT_MAX_PASSWORD_BYTES} bytes (bcrypt's limit)"
@@ -324,6 +324,8 @@ def read_password_file(key: str, path: Path) -> str:
         raise ConfigError(key, f"password file {path} is not readable") from None
     except IsADirectoryError:
         raise ConfigError(key, f"password file {path} is a directory") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(key, f"password file {path} cannot be read: {error}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -341,7 +343,7 @@ def _parse_users(items: list[Any]) -> tuple[User, ...]:
             raise ConfigError(key, f"expected a table, got {_describe(item)}")
         table = _Table(item, key)
         name: str = table.get("name", str)
-        if not _DEVPI_NAME.match(name):
+        if not _DEVPI_NAME.fullmatch(name):
             raise ConfigError(
                 table.path("name"), f"{name!r} is not a valid user name (letters, digits, . _ -)"
             )
@@ -375,7 +377,7 @@ def _split_index_name(key: str, value: object) -> tuple[str, str]:
     if not isinstance(value, str):
         raise ConfigError(key, f"expected a string, got {_describe(value)}")
     parts = value.split("/")
-    if len(parts) != 2 or not all(_DEVPI_NAME.match(p) for p in parts):
+    if len(parts) != 2 or not all(_DEVPI_NAME.fullmatch(p) for p in parts):
         raise ConfigError(key, f"{value!r} is not of the form user/index")
     return parts[0], parts[1]
 
@@ -479,6 +481,8 @@ def load(path: Path) -> Config:
         raise ConfigError("", f"config file {path} is not readable (run as root?)") from None
     except IsADirectoryError:
         raise ConfigError("", f"config file {path} is a directory") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError("", f"config file {path} cannot be read: {error}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -110,7 +110,7 @@ def single_run(lock_file: Path, timeout: float) -> Iterator[None]:
                     holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                     raise LockTimeout(
                         f"another devpi-agent run (pid {holder}) holds {lock_file}; "
-                        f"gave up after waiting {timeout:.0f} s"
+                        f"gave up after waiting {timeout:g} s"
                     ) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)

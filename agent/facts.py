@@ -29,7 +29,7 @@ def parse_os_release(text: str) -> OsRelease:
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
-            values[key.strip()] = value.strip().strip('"')
+            values[key.strip()] = value.strip().strip("\"'")
     return OsRelease(
         id=values.get("ID", "unknown"),
         version_id=values.get("VERSION_ID", ""),

@@ -78,6 +78,8 @@ class _AgentLogFile:
         self.stream: TextIO | None = None
 
     def open(self, path: Path) -> None:
+        if self.stream is not None:
+            self.stream.close()
         try:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -129,7 +129,8 @@ def converge(ctx: Context) -> None:
                 timeout=ctx.config.apt.lock_timeout + 1800,
                 progress="apt-get install",
             )
-        still_missing = [n for n in PACKAGES if n not in installed_packages(ctx.runner, PACKAGES)]
+        now_installed = installed_packages(ctx.runner, PACKAGES)
+        still_missing = [name for name in PACKAGES if name not in now_installed]
         if still_missing:
             raise StepFailed(f"apt-get finished but {' '.join(still_missing)} is not installed")
 
