@@ -449,7 +449,9 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     caddy = _parse_caddy(top.table("caddy"))
     users = _parse_users(_array_of_tables(top, "users"))
     if not users:
-        raise ConfigError("users", "declare at least one [[users]]: the index is password-protected")
+        raise ConfigError(
+            "users", "declare at least one [[users]]: the index is password-protected"
+        )
     indexes = _parse_indexes(_array_of_tables(top, "indexes"), users)
     top.finish()
     for name, port in (("https_port", server.https_port), ("http_port", server.http_port)):

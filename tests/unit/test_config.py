@@ -77,7 +77,10 @@ def test_user_password_is_not_in_repr() -> None:
 
 def test_defaults() -> None:
     config = parse(
-        {"server": {"domain": "pypi.example.com"}, "users": [{"name": "u", "password": "password-1"}]}
+        {
+            "server": {"domain": "pypi.example.com"},
+            "users": [{"name": "u", "password": "password-1"}],
+        }
     )
     server, devpi = config.server, config.devpi
     assert server.https_port == 443
@@ -297,7 +300,10 @@ ERROR_CASES: list[tuple[str, Mutator, str]] = [
     ("user without name", _users({"password": "password-1"}), "users[0].name"),
     (
         "duplicate users",
-        _users({"name": "devops", "password": "password-a"}, {"name": "devops", "password": "password-b"}),
+        _users(
+            {"name": "devops", "password": "password-a"},
+            {"name": "devops", "password": "password-b"},
+        ),
         "users[1].name",
     ),
     (
