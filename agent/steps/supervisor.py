@@ -75,13 +75,17 @@ def ensure_program(ctx: Context, program: str, content: str) -> bool:
     return changed
 
 
-def ensure_running(ctx: Context, program: str, *, restart: bool) -> None:
+def ensure_running(ctx: Context, program: str, *, restart: bool) -> bool:
+    """Start or restart the program as needed; True if it was (re)started."""
     state = program_state(ctx, program) if not ctx.check else None
     if restart:
         if ctx.change(f"restart {program}"):
             supervisorctl(ctx, "restart", program, check=False)
+            return True
     elif state != "RUNNING" and not ctx.check and ctx.change(f"start {program} (was {state})"):
         supervisorctl(ctx, "start", program, check=False)
+        return True
+    return False
 
 
 def devpi_api_answers(port: int) -> bool:
@@ -135,12 +139,31 @@ def program_content(ctx: Context) -> str:
     )
 
 
+def warm_mirror(ctx: Context, timeout: float = 90) -> None:
+    """After a start, devpi's first PyPI lookup loads ~930k project names (10-14 s) and answers
+    404 meanwhile; take that hit here rather than in a user's first pip install."""
+    url = f"http://127.0.0.1:{ctx.config.devpi.port}/root/pypi/+simple/pip/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                if response.status == 200:
+                    ctx.log.info("mirror ready", url=url)
+                    return
+        except (urllib.error.URLError, OSError):
+            time.sleep(1)
+    # Not fatal: a host may have no route to PyPI and serve private packages only.
+    ctx.log.warning("mirror not answering yet", url=url, waited=timeout)
+
+
 def converge(ctx: Context) -> None:
     ensure_supervisord(ctx)
     updated = ensure_program(ctx, DEVPI_PROGRAM, program_content(ctx))
     restart = ctx.is_pending(RESTART_PENDING) and not updated
-    ensure_running(ctx, DEVPI_PROGRAM, restart=restart)
+    started = ensure_running(ctx, DEVPI_PROGRAM, restart=restart) or updated
     if ctx.check:
         return
     wait_for_devpi(ctx)
     ctx.clear_pending(RESTART_PENDING)
+    if started:
+        warm_mirror(ctx)

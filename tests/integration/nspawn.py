@@ -1,0 +1,979 @@
+"""Disposable Debian test hosts for the integration tests, built on systemd-nspawn.
+
+The host running the tests does not need systemd: containers are started with
+``--register=no --keep-unit`` and entered with ``nsenter``.  They share the host's
+network namespace, so services inside listen on the host's loopback (use
+:func:`free_port` to pick ports).
+
+Typical use::
+
+    rootfs = build_rootfs(default_cache_dir())
+    with NspawnHost(rootfs) as host:
+        host.start()  # boots systemd; start(systemd=False) gives a host without init
+        host.run(["apt-get", "update"])
+
+Environment variables:
+
+``DEVPI_AGENT_TEST_CACHE``
+    where the base rootfs is cached (default ``/var/cache/devpi-agent-tests``).
+``DEVPI_AGENT_TEST_WORKDIR``
+    where per-host scratch dirs go (default: the system temp dir).
+``DEVPI_AGENT_TEST_ROOTFS_MODE``
+    ``overlay`` (default when it works), ``copy`` (``cp -a --reflink=auto``) or ``auto``.
+``DEVPI_AGENT_TEST_KEEP``
+    set to ``1`` to keep each host's scratch dir (rootfs copy, logs) after ``stop()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Protocol
+
+# --------------------------------------------------------------------------- constants
+
+SUITE = "bookworm"
+#: Packages baked into the base rootfs.  Do NOT add what the product installs itself
+#: (supervisor, caddy, python3-venv, ...): the tests must see it install them.
+PACKAGES: tuple[str, ...] = ("systemd-sysv", "dbus", "ca-certificates", "python3")
+#: Same mirror as the host's own apt configuration (deb.debian.org, incl. security).
+MIRRORS: tuple[str, ...] = (
+    f"deb http://deb.debian.org/debian {SUITE} main",
+    f"deb http://deb.debian.org/debian {SUITE}-updates main",
+    f"deb http://deb.debian.org/debian-security {SUITE}-security main",
+)
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+DEFAULT_CACHE_DIR = Path("/var/cache/devpi-agent-tests")
+#: PATH used for every command run inside a host (plus HOME=/root, plus caller's env).
+INNER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: Timers that would start apt/dpkg behind the tests' back (dpkg lock contention).
+MASKED_UNITS: tuple[str, ...] = (
+    "apt-daily.timer",
+    "apt-daily.service",
+    "apt-daily-upgrade.timer",
+    "apt-daily-upgrade.service",
+)
+ETC_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+BASE_HOSTNAME = "devpi-test"
+#: Mounted by systemd-nspawn inside the container: not visible in the rootfs dir.
+VOLATILE_MOUNTS: tuple[str, ...] = ("/run", "/tmp", "/dev", "/proc", "/sys")
+#: Bump when the post-mmdebstrap customisation changes (it is part of the cache key).
+RECIPE_VERSION = 1
+
+REQUIRED_TOOLS: tuple[str, ...] = (
+    "mmdebstrap",
+    "systemd-nspawn",
+    "nsenter",
+    "chroot",
+    "cp",
+    "mount",
+    "umount",
+)
+
+RootfsMode = Literal["auto", "overlay", "copy"]
+
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+class HostError(RuntimeError):
+    """A test host could not be built, booted or stopped."""
+
+
+class HostCommandError(subprocess.CalledProcessError):
+    """``NspawnHost.run(check=True)`` failed; the message includes the output."""
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        for label, data in (("stdout", self.stdout), ("stderr", self.stderr)):
+            if data:
+                text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+                msg += f"\n--- {label} (last 4000 chars) ---\n{text[-4000:]}"
+        return msg
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """Return a TCP port that is currently free on 127.0.0.1.
+
+    Hosts share the host's network namespace, so every service a test starts
+    inside must get its own port.  (Inherently racy; good enough for tests.)
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DEVPI_AGENT_TEST_CACHE") or DEFAULT_CACHE_DIR)
+
+
+def default_workdir() -> Path:
+    base = os.environ.get("DEVPI_AGENT_TEST_WORKDIR") or tempfile.gettempdir()
+    return Path(base) / "devpi-agent-nspawn"
+
+
+def check_host_support() -> list[str]:
+    """Return the reasons this machine cannot run the integration tests (empty if it can)."""
+    problems: list[str] = []
+    if os.geteuid() != 0:
+        problems.append("must run as root (systemd-nspawn, mount, nsenter need it)")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        problems.append(
+            "missing tools: "
+            + ", ".join(missing)
+            + " (apt-get install mmdebstrap systemd-container util-linux coreutils)"
+        )
+    return problems
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise HostError(f"{name} not found in PATH")
+    return path
+
+
+def _tail(path: Path, chars: int = 6000) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return data[-chars:].decode(errors="replace")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (scans /proc; works for multi-threaded parents)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ..." -- comm may contain spaces/parens.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _pgid_members(pgid: int) -> list[int]:
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError):
+                stat = (entry / "stat").read_text()
+                if int(stat[stat.rfind(")") + 2 :].split()[2]) == pgid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _kill_nsenter_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a timed-out ``nsenter`` command: the command(s) first, nsenter last.
+
+    nsenter forks the command into the container's PID namespace.  If nsenter
+    died first, its child would be reparented to the *host's* init, and as an
+    unreaped zombie it would hold up the container's shutdown (systemd-shutdown
+    waits 10 s for it).  So kill everything else in the process group, let
+    nsenter reap its child and exit, and only then kill nsenter if still needed.
+    """
+    for pid in _pgid_members(proc.pid):
+        if pid != proc.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _same_ns(pid: int, ns: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
+    except OSError:
+        return True
+
+
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below ``path`` in the host mount namespace, deepest first."""
+    prefix = str(path.resolve())
+    found: list[Path] = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            mnt = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if mnt == prefix or mnt.startswith(prefix + "/"):
+                found.append(Path(mnt))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _umount_all(path: Path) -> None:
+    for mnt in _mounts_under(path):
+        for attempt in range(20):
+            res = subprocess.run([_tool("umount"), str(mnt)], capture_output=True, check=False)
+            if res.returncode == 0 or not _mounts_under(mnt):
+                break
+            if attempt == 19:
+                subprocess.run([_tool("umount"), "-l", str(mnt)], check=False)
+            time.sleep(0.1)
+    left = _mounts_under(path)
+    if left:
+        raise HostError(f"could not unmount {left}")
+
+
+def _safe_rmtree(path: Path) -> None:
+    """Remove ``path`` -- but never while anything is mounted below it."""
+    if not path.exists():
+        return
+    _umount_all(path)
+    shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------- cgroups
+#
+# Without host systemd, systemd-nspawn --keep-unit splits *its own* cgroup into
+# ".../supervisor" and ".../payload".  Two containers started from the same cgroup
+# (e.g. the root cgroup here) would therefore share ".../payload" and their inner
+# systemds would manage the very same unit cgroups (both journalds end up in
+# /payload/system.slice/systemd-journald.service).  So every nspawn is first moved
+# into a cgroup of its own.
+
+
+def _cgroup_hierarchies() -> list[Path]:
+    """Our own cgroup dir in the hierarchies systemd uses (cgroup2 and name=systemd)."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup") as fh:
+        for line in fh:
+            hid, controllers, cpath = line.rstrip("\n").split(":", 2)
+            if hid == "0" and controllers == "":
+                own["cgroup2"] = cpath
+            elif "name=systemd" in controllers.split(","):
+                own["name=systemd"] = cpath
+    dirs: list[Path] = []
+    with open("/proc/self/mounts") as fh:
+        for line in fh:
+            _dev, mnt, fstype, opts, *_ = line.split()
+            key = None
+            if fstype == "cgroup2":
+                key = "cgroup2"
+            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
+                key = "name=systemd"
+            if key is None or key not in own:
+                continue
+            candidate = Path(mnt) / own[key].lstrip("/")
+            if candidate.is_dir():
+                dirs.append(candidate)
+    return dirs
+
+
+def _remove_nspawn_runtime_dirs(machine: str) -> None:
+    """nspawn leaves /run/systemd/nspawn/propagate/<machine> behind if it is killed."""
+    with contextlib.suppress(OSError):
+        (Path("/run/systemd/nspawn/propagate") / machine).rmdir()
+
+
+def _make_cgroups(machine: str) -> list[Path]:
+    made: list[Path] = []
+    for hierarchy in _cgroup_hierarchies():
+        cg = hierarchy / "devpi-agent-tests" / machine
+        try:
+            cg.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        made.append(cg)
+    return made
+
+
+def _remove_cgroup_tree(cg: Path, timeout: float = 5.0) -> None:
+    if not cg.is_dir():
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        dirs = sorted(
+            (Path(d) for d, _subdirs, _files in os.walk(cg)),
+            key=lambda p: len(p.parts),
+            reverse=True,
+        )
+        busy = False
+        for d in dirs:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                busy = True
+        if not busy or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(OSError):
+        cg.parent.rmdir()  # "devpi-agent-tests"; fails harmlessly while others use it
+
+
+# --------------------------------------------------------------------------- rootfs
+
+
+def _host_ca_certs() -> list[tuple[str, bytes]]:
+    if not HOST_CA_DIR.is_dir():
+        return []
+    return sorted(
+        (str(p.relative_to(HOST_CA_DIR)), p.read_bytes())
+        for p in HOST_CA_DIR.rglob("*.crt")
+        if p.is_file()
+    )
+
+
+def _mmdebstrap_argv(target: Path | None) -> list[str]:
+    return [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--include=" + ",".join(PACKAGES),
+        SUITE,
+        str(target) if target is not None else "<TARGET>",
+        *MIRRORS,
+    ]
+
+
+def rootfs_key(ca_certs: Sequence[tuple[str, bytes]] | None = None) -> str:
+    """Cache key: hash of everything that goes into the base rootfs."""
+    certs = _host_ca_certs() if ca_certs is None else ca_certs
+    h = hashlib.sha256()
+    recipe = {
+        "recipe": RECIPE_VERSION,
+        "argv": _mmdebstrap_argv(None),
+        "suite": SUITE,
+        "packages": list(PACKAGES),
+        "mirrors": list(MIRRORS),
+        "hosts": ETC_HOSTS,
+        "hostname": BASE_HOSTNAME,
+        "masked": list(MASKED_UNITS),
+    }
+    h.update(json.dumps(recipe, sort_keys=True).encode())
+    for name, data in certs:
+        h.update(b"\0cert\0" + name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def _customize_rootfs(root: Path, ca_certs: Sequence[tuple[str, bytes]]) -> None:
+    (root / "etc/hosts").write_text(ETC_HOSTS)
+    (root / "etc/hostname").write_text(BASE_HOSTNAME + "\n")
+    # An empty /etc/machine-id (mmdebstrap's default) makes every boot generate
+    # a fresh one, so copies do not share an id.
+    (root / "etc/machine-id").write_text("")
+    for unit in MASKED_UNITS:
+        link = root / "etc/systemd/system" / unit
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to("/dev/null")
+    ca_dir = root / HOST_CA_DIR.relative_to("/")
+    for name, data in ca_certs:
+        dest = ca_dir / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        dest.chmod(0o644)
+    if ca_certs:
+        subprocess.run(
+            [_tool("chroot"), str(root), "update-ca-certificates"],
+            env={"PATH": INNER_PATH, "LANG": "C.UTF-8"},
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+
+def build_rootfs(cache_dir: Path | None = None, *, timeout: float = 1800) -> Path:
+    """Return the cached base rootfs directory, building it first if needed.
+
+    The directory is ``<cache_dir>/rootfs-<key>`` where the key hashes the
+    mmdebstrap command line, package list, suite, mirrors, the customisation and
+    the host CA certificates baked in.  Building happens in a temp dir next to it
+    and is renamed into place; an flock serialises concurrent pytest workers.
+    The result must be treated as read-only: hosts use it as an overlay lowerdir.
+    """
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    certs = _host_ca_certs()
+    key = rootfs_key(certs)
+    final = cache_dir / f"rootfs-{key}"
+    if final.is_dir():
+        return final
+    with open(cache_dir / "rootfs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        # We hold the lock, so any leftover temp dir is from a crashed build.
+        for stale in cache_dir.glob(".tmp-rootfs-*"):
+            _safe_rmtree(stale)
+        tmp = cache_dir / f".tmp-rootfs-{key}-{os.getpid()}"
+        log = cache_dir / f"rootfs-{key}.build.log"
+        try:
+            with open(log, "wb") as log_fh:
+                argv = _mmdebstrap_argv(tmp)
+                argv[0] = _tool("mmdebstrap")
+                res = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fh,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                )
+            if res.returncode != 0:
+                raise HostError(
+                    f"mmdebstrap failed (exit {res.returncode}); log {log}:\n{_tail(log)}"
+                )
+            _customize_rootfs(tmp, certs)
+            os.rename(tmp, final)
+        except BaseException:
+            _safe_rmtree(tmp)
+            raise
+    return final
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def _ensure_child_setup(cgroups: Sequence[Path]) -> None:
+    """preexec_fn for systemd-nspawn (runs between fork and exec)."""
+    # If the test process dies, nspawn gets SIGTERM and shuts the container down
+    # (nspawn itself gives its payload PDEATHSIG=SIGKILL).
+    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    for cg in cgroups:
+        with contextlib.suppress(OSError):
+            (cg / "cgroup.procs").write_text("0\n")
+
+
+def _env_rootfs_mode() -> RootfsMode:
+    value = os.environ.get("DEVPI_AGENT_TEST_ROOTFS_MODE", "auto")
+    if value == "overlay":
+        return "overlay"
+    if value == "copy":
+        return "copy"
+    return "auto"
+
+
+class NspawnHost:
+    """One disposable Debian host (a systemd-nspawn container).
+
+    ``__enter__`` makes the private rootfs (overlay over the cached rootfs, or a
+    copy); files can be put in before :meth:`start`.  ``__exit__`` calls :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        rootfs: Path,
+        *,
+        name: str | None = None,
+        workdir: Path | None = None,
+        mode: RootfsMode | None = None,
+    ) -> None:
+        self.base_rootfs = rootfs
+        self.machine = name or f"dat-{secrets.token_hex(5)}"
+        self.workdir_base = workdir or default_workdir()
+        self.requested_mode: RootfsMode = mode or _env_rootfs_mode()
+        self.mode: Literal["overlay", "copy"] | None = None
+        self.dir = self.workdir_base / self.machine
+        self.root = self.dir / "rootfs"
+        self.log_path = self.dir / "nspawn.log"
+        self.systemd: bool | None = None
+        self.boot_state: str | None = None
+        self.timings: dict[str, float] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._leader: int | None = None
+        self._cgroups: list[Path] = []
+        self._prepared = False
+        self._stopped = False
+
+    # ---- lifecycle --------------------------------------------------------
+
+    def __enter__(self) -> NspawnHost:
+        self.prepare()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<NspawnHost {self.machine} pid={self._leader} root={self.root}>"
+
+    def prepare(self) -> None:
+        """Create the host's private rootfs (idempotent)."""
+        if self._prepared:
+            return
+        t0 = time.monotonic()
+        self.dir.mkdir(parents=True, exist_ok=False)
+        try:
+            self._write_state()
+            mode = self.requested_mode
+            if mode in ("auto", "overlay"):
+                try:
+                    self._mount_overlay()
+                    self.mode = "overlay"
+                except HostError:
+                    if mode == "overlay":
+                        raise
+            if self.mode is None:
+                subprocess.run(
+                    [_tool("cp"), "-a", "--reflink=auto", str(self.base_rootfs), str(self.root)],
+                    check=True,
+                    capture_output=True,
+                )
+                self.mode = "copy"
+            (self.root / "etc/hostname").write_text(self.machine + "\n")
+        except BaseException:
+            _safe_rmtree(self.dir)
+            raise
+        self._prepared = True
+        self.timings["prepare"] = time.monotonic() - t0
+
+    def _mount_overlay(self) -> None:
+        if any(c in str(p) for p in (self.base_rootfs, self.dir) for c in ",:"):
+            raise HostError("overlay mount options cannot carry paths with ',' or ':'")
+        upper, work = self.dir / "upper", self.dir / "work"
+        for d in (upper, work, self.root):
+            d.mkdir()
+        opts = f"lowerdir={self.base_rootfs},upperdir={upper},workdir={work}"
+        res = subprocess.run(
+            [_tool("mount"), "-t", "overlay", "overlay", "-o", opts, str(self.root)],
+            capture_output=True,
+            check=False,
+        )
+        if res.returncode != 0:
+            for d in (upper, work, self.root):
+                shutil.rmtree(d, ignore_errors=True)
+            raise HostError(f"overlay mount failed: {res.stderr.decode(errors='replace')}")
+
+    def _write_state(self) -> None:
+        state = {
+            "owner": os.getpid(),
+            "machine": self.machine,
+            "nspawn": self._proc.pid if self._proc else None,
+            "cgroups": [str(c) for c in self._cgroups],
+        }
+        (self.dir / "state.json").write_text(json.dumps(state))
+
+    def start(self, systemd: bool = True, *, timeout: float = 120) -> None:
+        """Boot the host.
+
+        ``systemd=True``: ``systemd-nspawn -b``, waits until ``systemctl
+        is-system-running`` says running/degraded.  ``systemd=False``: a container
+        whose PID 1 is nspawn's stub init running ``sleep infinity``; no init system,
+        no /run/systemd/system.
+        """
+        if self._proc is not None:
+            raise HostError(f"{self.machine} already started")
+        self.prepare()
+        self.systemd = systemd
+        t0 = time.monotonic()
+        self._cgroups = _make_cgroups(self.machine)
+        argv = [
+            _tool("systemd-nspawn"),
+            "--quiet",
+            f"--directory={self.root}",
+            f"--machine={self.machine}",
+            "--register=no",
+            "--keep-unit",
+            "--console=read-only",
+            "--resolv-conf=copy-host",
+            "--setenv=SYSTEMD_COLORS=0",
+        ]
+        argv += ["--boot"] if systemd else ["--as-pid2", "/bin/sleep", "infinity"]
+        cgroups = list(self._cgroups)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", INNER_PATH), "SYSTEMD_COLORS": "0"},
+                start_new_session=True,
+                preexec_fn=lambda: _ensure_child_setup(cgroups),
+            )
+        self._write_state()
+        deadline = t0 + timeout
+        self._leader = self._wait_leader(deadline)
+        if systemd:
+            self._wait_running(deadline)
+        else:
+            self._poll(
+                lambda: self.run(["true"], check=False, timeout=10).returncode == 0,
+                deadline,
+                "container to become enterable",
+            )
+        self.timings["boot"] = time.monotonic() - t0
+
+    def _check_alive(self) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is not None:
+            raise HostError(
+                f"systemd-nspawn for {self.machine} exited with {self._proc.returncode}:\n"
+                + _tail(self.log_path)
+            )
+
+    def _poll(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        while True:
+            self._check_alive()
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise HostError(
+                    f"timed out waiting for {what} ({self.machine}):\n" + _tail(self.log_path)
+                )
+            time.sleep(0.1)
+
+    def _wait_leader(self, deadline: float) -> int:
+        """PID (host view) of the container's PID 1: nspawn's child in a new PID ns.
+
+        It counts as ready once it no longer runs nspawn's setup code, i.e. it has
+        exec'd systemd or turned into the stub init: mounts and pivot_root are done.
+        """
+        assert self._proc is not None
+        nspawn_pid = self._proc.pid
+        found: list[int] = []
+
+        want = "systemd" if self.systemd else "(sd-stubinit)"
+
+        def ready() -> bool:
+            for child in _children(nspawn_pid):
+                if _same_ns(child, "pid") or _comm(child) != want:
+                    continue
+                # --as-pid2: the stub init forks the payload after all setup.
+                if self.systemd or _children(child):
+                    found.append(child)
+                    return True
+            return False
+
+        self._poll(ready, deadline, "container PID 1")
+        return found[0]
+
+    def is_system_running(self) -> str:
+        res = self.run(["systemctl", "is-system-running"], check=False, timeout=30)
+        return res.stdout.decode(errors="replace").strip()
+
+    def _wait_running(self, deadline: float) -> None:
+        states: list[str] = []
+
+        def ready() -> bool:
+            state = self.is_system_running()
+            states.append(state)
+            if state in ("maintenance", "stopping"):
+                raise HostError(f"{self.machine} boot failed: {state}\n" + self.debug_report())
+            return state in ("running", "degraded")
+
+        self._poll(ready, deadline, "systemctl is-system-running")
+        self.boot_state = states[-1]
+
+    @property
+    def pid(self) -> int:
+        """Host PID of the container's PID 1 (inner systemd or stub init)."""
+        if self._leader is None:
+            raise HostError(f"{self.machine} is not running")
+        return self._leader
+
+    @property
+    def cgroups(self) -> list[Path]:
+        """The host-side cgroup dirs this container was started in (one per hierarchy)."""
+        return list(self._cgroups)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> None:
+        """Shut the host down (orderly, then SIGKILL), then delete its scratch dir.
+
+        Idempotent and bounded: at most ``timeout`` for the orderly shutdown plus a
+        few seconds for the kill.  Killing the container's PID 1 tears down its
+        whole PID namespace, so nothing started inside (or via :meth:`run`) survives.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        t0 = time.monotonic()
+        errors: list[str] = []
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            # SIGTERM makes nspawn send SIGRTMIN+3 (halt) to a booted systemd; in
+            # --as-pid2 mode the stub init terminates the payload.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                warnings.warn(
+                    f"{self.machine}: orderly shutdown took > {timeout}s; killing it",
+                    stacklevel=2,
+                )
+        if proc is not None and proc.poll() is None and self._leader is not None:
+            # Killing the container's PID 1 kills its whole PID namespace.  nspawn
+            # then reaps it and exits by itself.  (Only while nspawn is unreaped,
+            # so the PID cannot have been recycled.)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._leader, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        if proc is not None and proc.poll() is None:
+            # Last resort: nspawn's process group.  Its payload has PDEATHSIG=SIGKILL,
+            # but would then be reaped by the host's init (slowly, on this machine).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                errors.append(f"systemd-nspawn pid {proc.pid} did not die")
+        if self._leader is not None:
+            self._wait_gone(self._leader, 10)
+        self.timings["stop"] = time.monotonic() - t0
+        for cg in self._cgroups:
+            _remove_cgroup_tree(cg)
+        _remove_nspawn_runtime_dirs(self.machine)
+        try:
+            if os.environ.get("DEVPI_AGENT_TEST_KEEP") == "1":
+                _umount_all(self.dir)
+            else:
+                _safe_rmtree(self.dir)
+        except (HostError, OSError) as exc:
+            errors.append(f"cleanup of {self.dir}: {exc}")
+        self.timings["stop_total"] = time.monotonic() - t0
+        if errors:
+            raise HostError(f"{self.machine}: " + "; ".join(errors))
+
+    @staticmethod
+    def _wait_gone(pid: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # ---- interaction ------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` inside the host as root (``nsenter -t PID -a``).
+
+        The environment is clean: ``PATH=/usr/sbin:/usr/bin:/sbin:/bin``,
+        ``HOME=/root``, plus ``env``.  stdout/stderr are captured (bytes).  On
+        timeout the whole nsenter process group is killed and TimeoutExpired raised.
+        """
+        __tracebackhide__ = True  # pytest: show the caller's line, not this frame
+        full_env = {"PATH": INNER_PATH, "HOME": "/root"}
+        if env:
+            full_env.update(env)
+        cmd = [_tool("nsenter"), "-t", str(self.pid), "-a", "--", *argv]
+        with subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd="/",
+            start_new_session=True,
+        ) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_nsenter_group(proc)
+                out, err = proc.communicate()
+                raise subprocess.TimeoutExpired(list(argv), timeout, out, err) from None
+        res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+        if check and res.returncode != 0:
+            raise HostCommandError(res.returncode, list(argv), out, err)
+        return res
+
+    def output(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float = 600,
+    ) -> str:
+        """``run(argv, check=True)`` and return stdout as stripped text."""
+        __tracebackhide__ = True
+        res = self.run(argv, input=input, env=env, check=True, timeout=timeout)
+        return res.stdout.decode(errors="replace").strip()
+
+    def path(self, p: str) -> Path:
+        """Host path of ``p`` in the host's on-disk rootfs (valid before start too).
+
+        Paths under the container's own tmpfs/API mounts (/run, /tmp, /dev, /proc,
+        /sys) are refused: they are not on disk, use :meth:`read` / :meth:`run`.
+        Symlinks are NOT resolved container-relative: an absolute symlink inside
+        points into the real host.
+        """
+        rel = os.path.normpath("/" + p.lstrip("/"))
+        for volatile in VOLATILE_MOUNTS:
+            if rel == volatile or rel.startswith(volatile + "/"):
+                raise ValueError(
+                    f"{p} is on a tmpfs/API mount inside the container ({volatile}), "
+                    "not in the rootfs dir; use host.read()/host.run()"
+                )
+        return self.root / rel.lstrip("/")
+
+    def read(self, p: str) -> bytes:
+        """Content of ``p`` as seen by the running container (any mount)."""
+        return self.run(["cat", "--", p], timeout=60).stdout
+
+    def write(self, dest: str, data: bytes | str, mode: int = 0o644) -> Path:
+        """Create ``dest`` inside the host (parents as needed, owned by root)."""
+        target = self.path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chown(target, 0, 0)
+        target.chmod(mode)
+        return target
+
+    def copy_in(self, src: Path, dest: str, mode: int = 0o644) -> Path:
+        """Copy host file ``src`` to ``dest`` inside the host with ``mode``."""
+        return self.write(dest, src.read_bytes(), mode)
+
+    # ---- debugging --------------------------------------------------------
+
+    def logs(self) -> str:
+        """systemd-nspawn's output: the container console (boot messages)."""
+        return _tail(self.log_path, 200_000) if self.log_path.exists() else ""
+
+    def journal(self, unit: str | None = None, lines: int = 300) -> str:
+        """``journalctl`` output inside the host (whole journal or one unit)."""
+        if not self.running or not self.systemd:
+            return "<no journal: host not running systemd>"
+        argv = ["journalctl", "--no-pager", "-o", "short-precise", "-n", str(lines)]
+        if unit:
+            argv += ["-u", unit]
+        try:
+            res = self.run(argv, check=False, timeout=30)
+        except (subprocess.TimeoutExpired, HostError) as exc:
+            return f"<journalctl failed: {exc}>"
+        return (res.stdout + res.stderr).decode(errors="replace")
+
+    def debug_report(self) -> str:
+        """Everything useful after a failure: console log tail, failed units, journal."""
+        parts = [f"===== host {self.machine} ({self.mode}, root={self.root}) ====="]
+        parts.append("----- nspawn console (tail) -----\n" + self.logs()[-8000:])
+        if self.running and self.systemd:
+            try:
+                failed = self.run(["systemctl", "--failed", "--no-pager"], check=False, timeout=30)
+                parts.append("----- failed units -----\n" + failed.stdout.decode(errors="replace"))
+            except (subprocess.TimeoutExpired, HostError) as exc:
+                parts.append(f"<systemctl --failed: {exc}>")
+            parts.append("----- journal (tail) -----\n" + self.journal(lines=200))
+        return "\n".join(parts)
+
+
+class HostFactory(Protocol):
+    def __call__(self, *, systemd: bool = True, start: bool = True) -> NspawnHost: ...
+
+
+# --------------------------------------------------------------------------- stale cleanup
+
+
+def cleanup_stale(workdir: Path | None = None) -> list[str]:
+    """Remove hosts left behind by test processes that died (SIGKILL, OOM, ...).
+
+    Only touches dirs under the harness workdir whose owner PID is gone; kills a
+    leftover nspawn only if its command line carries that host's machine name.
+    Returns the machine names cleaned up.
+    """
+    base = workdir or default_workdir()
+    cleaned: list[str] = []
+    if not base.is_dir():
+        return cleaned
+    for d in base.iterdir():
+        state_file = d / "state.json"
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        owner = state.get("owner")
+        if isinstance(owner, int) and _pid_alive(owner):
+            continue
+        machine = str(state.get("machine", d.name))
+        nspawn = state.get("nspawn")
+        if isinstance(nspawn, int) and f"--machine={machine}" in _cmdline(nspawn):
+            for child in _children(nspawn):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(nspawn, signal.SIGKILL)
+            NspawnHost._wait_gone(nspawn, 10)
+        for cg in state.get("cgroups", []):
+            _remove_cgroup_tree(Path(cg))
+        _remove_nspawn_runtime_dirs(machine)
+        try:
+            _safe_rmtree(d)
+        except (HostError, OSError):
+            continue
+        cleaned.append(machine)
+    return cleaned
+
+
+@contextlib.contextmanager
+def running_host(
+    rootfs: Path, *, systemd: bool = True, mode: RootfsMode | None = None
+) -> Iterator[NspawnHost]:
+    """Convenience: a started host that is always stopped."""
+    with NspawnHost(rootfs, mode=mode) as h:
+        h.start(systemd=systemd)
+        yield h

@@ -1,0 +1,391 @@
+"""`devpi-agent apply` on a fresh Debian 12 host with real systemd, driven from outside with the
+real clients (twine, pip, uv) through Caddy with basic auth.
+
+One host is converged once per module; the tests then each check one thing a user relies on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from clients import (
+    Site,
+    build_wheel,
+    http_get,
+    make_ca_bundle,
+    pip_install,
+    twine_upload,
+    uv_install,
+)
+from nspawn import NspawnHost, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DIST = REPO / "dist" / "devpi-agent"
+AGENT = "/usr/local/sbin/devpi-agent"
+CONFIG = "/etc/devpi-agent/config.toml"
+# Canary passwords: they must never show up in any log, output or process list.
+USER_PASSWORD = "canary-Pw-7f3a9c2e1b"
+CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+PACKAGE = "devpi-agent-canary"
+
+
+@dataclass
+class Ports:
+    https: int
+    devpi: int
+    admin: int
+
+
+def config_text(ports: Ports, password: str = USER_PASSWORD) -> str:
+    return f"""
+[server]
+domain = "127.0.0.1"
+https_port = {ports.https}
+http_port = 0
+tls = "internal"
+caddy_admin = "127.0.0.1:{ports.admin}"
+
+[devpi]
+port = {ports.devpi}
+
+[[users]]
+name = "devops"
+password = "{password}"
+
+[[indexes]]
+name = "devops/pypi"
+bases = ["root/pypi"]
+"""
+
+
+@dataclass
+class ApplyRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def report(self) -> dict[str, object]:
+        parsed: dict[str, object] = json.loads(self.stdout)
+        return parsed
+
+
+def apply(host: NspawnHost, *extra: str, config: str = CONFIG) -> ApplyRun:
+    started = time.monotonic()
+    # cloud-init runs the agent with HOME unset; do the same.
+    result = host.run(
+        ["env", "-u", "HOME", AGENT, "apply", "--config", config, "--json", *extra],
+        check=False,
+        timeout=1200,
+    )
+    return ApplyRun(
+        result.returncode,
+        result.stdout.decode(errors="replace"),
+        result.stderr.decode(errors="replace"),
+        time.monotonic() - started,
+    )
+
+
+class ArgvWatcher:
+    """Samples every process's argv on this machine (containers included) while a run lasts."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                            self.seen.add(
+                                handle.read().replace(b"\0", b" ").decode(errors="replace")
+                            )
+                    except OSError:
+                        pass
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> ArgvWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Converged:
+    host: NspawnHost
+    ports: Ports
+    first: ApplyRun
+    second: ApplyRun
+    site: Site
+    argv_seen: set[str]
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def converged(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converged]:
+    assert DIST.exists(), f"{DIST} is missing: run `make dist` first"
+    ports = Ports(free_port(), free_port(), free_port())
+    workdir = tmp_path_factory.mktemp("clients")
+    host = NspawnHost(rootfs)
+    try:
+        host.prepare()
+        host.copy_in(DIST, AGENT, mode=0o755)
+        host.write(CONFIG, config_text(ports), mode=0o600)
+        host.start(systemd=True)
+        with ArgvWatcher() as watcher:
+            first = apply(host)
+            second = apply(host)
+        ca = (
+            make_ca_bundle(host.path(CADDY_CA), workdir / "ca-bundle.pem")
+            if host.path(CADDY_CA).exists()
+            else workdir / "missing-ca.pem"
+        )
+        site = Site("127.0.0.1", ports.https, "devops/pypi", "devops", USER_PASSWORD, ca)
+        yield Converged(host, ports, first, second, site, watcher.seen, workdir)
+    except BaseException:
+        print(host.debug_report())
+        raise
+    finally:
+        host.stop()
+
+
+def test_first_apply_converges(converged: Converged) -> None:
+    run = converged.first
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = run.report
+    assert report["failed"] == 0
+    steps = {s["name"]: s["status"] for s in report["steps"]}  # type: ignore[union-attr]
+    assert set(steps) == {
+        "apt",
+        "service-user",
+        "venv",
+        "devpi-config",
+        "devpi-init",
+        "supervisor",
+        "devpi-users",
+        "caddy",
+    }
+    assert steps["apt"] == "changed" and steps["caddy"] == "changed"
+    print(f"first apply: {run.seconds:.1f} s wall")
+
+
+def test_second_apply_changes_nothing(converged: Converged) -> None:
+    run = converged.second
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert run.report["changed"] == 0, run.report
+    assert run.report["failed"] == 0
+    print(f"no-op apply: {run.seconds:.2f} s wall")
+
+
+def test_json_mode_keeps_stdout_to_one_document(converged: Converged) -> None:
+    assert set(converged.second.report) == {"changed", "failed", "steps"}
+    assert "recap" in converged.second.stderr
+
+
+def test_basic_auth_is_enforced(converged: Converged) -> None:
+    site = converged.site
+    assert http_get(site, "/+api", auth=None)[0] == 401
+    assert http_get(site, "/+api", auth=("devops", "wrong-password"))[0] == 401
+    assert http_get(site, "/+api", auth=("devops", USER_PASSWORD))[0] == 200
+
+
+def test_changelog_is_closed(converged: Converged) -> None:
+    status, _ = http_get(converged.site, "/+changelog/0", auth=("devops", USER_PASSWORD))
+    assert status == 403
+
+
+def test_web_ui_and_api_use_https_urls(converged: Converged) -> None:
+    site = converged.site
+    status, body = http_get(
+        site, "/+api", auth=("devops", USER_PASSWORD), accept="application/json"
+    )
+    assert status == 200
+    assert f"https://127.0.0.1:{site.port}/+login" in body
+    status, page = http_get(
+        site, "/devops/pypi", auth=("devops", USER_PASSWORD), accept="text/html"
+    )
+    assert status == 200
+    assert f"https://127.0.0.1:{site.port}/" in page
+    assert f"http://127.0.0.1:{site.port}" not in page
+    assert f"127.0.0.1:{converged.ports.devpi}" not in page
+
+
+def test_devpi_listens_on_loopback_only(converged: Converged) -> None:
+    listening = converged.host.output(["cat", "/proc/net/tcp", "/proc/net/tcp6"])
+    port_hex = f"{converged.ports.devpi:04X}"
+    local = [line.split()[1] for line in listening.splitlines()[1:] if line.split()[3:4] == ["0A"]]
+    bound = [address for address in local if address.endswith(":" + port_hex)]
+    assert bound == ["0100007F:" + port_hex], bound
+
+
+def test_twine_upload_then_pip_and_uv_install(converged: Converged) -> None:
+    site, work = converged.site, converged.workdir
+    home = work / "home"
+    home.mkdir()
+    wheel = build_wheel(work, PACKAGE, "1.0.0")
+    upload = twine_upload(site, wheel, home)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+
+    pip = pip_install(site, home, work / "pip-target", f"{PACKAGE}==1.0.0", "six")
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert (work / "pip-target" / "devpi_agent_canary" / "__init__.py").exists()
+    assert (work / "pip-target" / "six.py").exists()
+
+    uv = uv_install(site, home, work / "uv-target", f"{PACKAGE}==1.0.0")
+    assert uv.returncode == 0, uv.stdout + uv.stderr
+    assert (work / "uv-target" / "devpi_agent_canary" / "__init__.py").exists()
+
+
+def test_wrong_password_upload_is_refused(converged: Converged) -> None:
+    site, work = converged.site, converged.workdir
+    home = work / "bad-home"
+    home.mkdir()
+    wrong = Site(site.host, site.port, site.index, site.user, "not-the-password", site.ca_bundle)
+    upload = twine_upload(wrong, build_wheel(work, PACKAGE, "9.9.9"), home)
+    assert upload.returncode != 0
+    assert "401" in upload.stdout + upload.stderr
+
+
+def test_secret_files_are_private(converged: Converged) -> None:
+    host = converged.host
+    for path, owner in (
+        ("/etc/devpi-agent/root.pass", "root"),
+        ("/var/lib/devpi/secret", "devpi"),
+        (CONFIG, "root"),
+    ):
+        stat = host.output(["stat", "-c", "%a %U", path])
+        assert stat == f"600 {owner}", (path, stat)
+    assert host.output(["stat", "-c", "%a %U:%G", "/etc/caddy/Caddyfile"]) == "640 root:caddy"
+
+
+_PROCESSES = """
+import os, pwd
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        continue
+    name = os.path.basename(argv[0].decode())
+    print(pwd.getpwuid(uid).pw_name, name, *[a.decode() for a in argv[1:2]])
+"""
+
+
+def processes(host: NspawnHost) -> list[tuple[str, str]]:
+    """(user, program) of every process in the host; minbase images have no ps."""
+    out = host.output(["python3", "-c", _PROCESSES])
+    result = []
+    for line in out.splitlines():
+        user, *argv = line.split()
+        # Python programs show as "python3 /path/to/script": name them by the script.
+        program = (
+            os.path.basename(argv[1]) if argv[0].startswith("python") and len(argv) > 1 else argv[0]
+        )
+        result.append((user, program))
+    return result
+
+
+def test_devpi_runs_unprivileged(converged: Converged) -> None:
+    users = {user for user, program in processes(converged.host) if program == "devpi-server"}
+    assert users == {"devpi"}
+
+
+def test_no_password_anywhere(converged: Converged) -> None:
+    host = converged.host
+    root_password = host.path("/etc/devpi-agent/root.pass").read_text().strip()
+    canaries = [USER_PASSWORD, root_password]
+    texts = {
+        "apply stdout/stderr": converged.first.stdout
+        + converged.first.stderr
+        + converged.second.stdout
+        + converged.second.stderr,
+        "agent log": host.path("/var/log/devpi-agent/agent.log").read_text(),
+        "supervisor logs": "".join(
+            p.read_text(errors="replace") for p in host.path("/var/log/supervisor").glob("*")
+        ),
+        "journal": host.journal(lines=5000),
+        "argv": "\n".join(converged.argv_seen),
+    }
+    assert texts["agent log"].strip(), "the agent log is empty"
+    for where, text in texts.items():
+        for canary in canaries:
+            assert canary not in text, f"a password leaked into {where}"
+
+
+def test_invalid_config_exits_2_and_touches_nothing(converged: Converged) -> None:
+    host = converged.host
+    before = host.output(
+        ["find", "/etc", "/var/lib/devpi", "-newer", CONFIG, "-printf", "%p %T@\n"]
+    )
+    bad = config_text(converged.ports).replace("[devpi]", "[devpi]\nprot = 1")
+    host.write("/tmp-bad.toml", bad, mode=0o600)
+    run = apply(host, config="/tmp-bad.toml")
+    assert run.returncode == 2
+    assert "devpi.prot" in run.stderr
+    assert run.stdout == ""
+    after = host.output(["find", "/etc", "/var/lib/devpi", "-newer", CONFIG, "-printf", "%p %T@\n"])
+    assert before == after
+
+
+@pytest.fixture
+def fresh_host(rootfs: Path) -> Iterator[NspawnHost]:
+    host = NspawnHost(rootfs)
+    try:
+        host.prepare()
+        host.copy_in(DIST, AGENT, mode=0o755)
+        yield host
+    finally:
+        host.stop()
+
+
+def test_invalid_config_on_a_fresh_host_installs_nothing(fresh_host: NspawnHost) -> None:
+    ports = Ports(free_port(), free_port(), free_port())
+    fresh_host.write(CONFIG, config_text(ports, password="x" * 73), mode=0o600)
+    fresh_host.start(systemd=True)
+    run = apply(fresh_host)
+    assert run.returncode == 2, run.stderr
+    assert "users[0].password" in run.stderr and "72 bytes" in run.stderr
+    dpkg = fresh_host.run(["dpkg-query", "-W", "caddy", "supervisor"], check=False)
+    assert dpkg.returncode != 0, "packages were installed despite an invalid config"
+    for path in ("/etc/devpi-server", "/var/lib/devpi", "/var/log/devpi-agent", "/opt/devpi-agent"):
+        assert not fresh_host.path(path).exists(), path
+
+
+def test_without_systemd_the_agent_starts_supervisord_and_caddy(fresh_host: NspawnHost) -> None:
+    ports = Ports(free_port(), free_port(), free_port())
+    fresh_host.write(CONFIG, config_text(ports), mode=0o600)
+    fresh_host.start(systemd=False)
+    first = apply(fresh_host)
+    assert first.returncode == 0, first.stderr[-5000:]
+    second = apply(fresh_host)
+    assert second.returncode == 0 and second.report["changed"] == 0, second.report
+    site = Site(
+        "127.0.0.1",
+        ports.https,
+        "devops/pypi",
+        "devops",
+        USER_PASSWORD,
+        make_ca_bundle(fresh_host.path(CADDY_CA), fresh_host.dir / "ca-bundle.pem"),
+    )
+    assert http_get(site, "/+api", auth=None)[0] == 401
+    assert http_get(site, "/+api", auth=("devops", USER_PASSWORD))[0] == 200
+    home = fresh_host.dir / "client-home"
+    home.mkdir()
+    pip = pip_install(site, home, home / "target", "six")
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    running = set(processes(fresh_host))
+    assert ("root", "supervisord") in running and ("caddy", "caddy") in running, running
