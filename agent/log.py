@@ -108,7 +108,8 @@ def configure(
     if log_file is not None:
         agent_log.open(log_file)
     renderer: Any
-    if stream.isatty():
+    wanted = os.environ.get("DEVPI_AGENT_LOG_FORMAT", "auto")
+    if wanted == "console" or (wanted != "json" and stream.isatty()):
         renderer = structlog.dev.ConsoleRenderer(
             colors=os.environ.get("NO_COLOR") is None,
             exception_formatter=structlog.dev.plain_traceback,

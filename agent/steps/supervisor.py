@@ -82,7 +82,11 @@ def ensure_running(ctx: Context, program: str, *, restart: bool) -> bool:
         if ctx.change(f"restart {program}"):
             supervisorctl(ctx, "restart", program, check=False)
             return True
-    elif state != "RUNNING" and not ctx.check and ctx.change(f"start {program} (was {state})"):
+    elif (
+        state not in ("RUNNING", "STARTING")
+        and not ctx.check
+        and ctx.change(f"start {program} (was {state})")
+    ):
         supervisorctl(ctx, "start", program, check=False)
         return True
     return False
