@@ -6,15 +6,25 @@ One host is converged once per module; the tests then each check one thing a use
 
 from __future__ import annotations
 
-import json
-import os
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from agenthost import (
+    AGENT,
+    CADDY_CA,
+    CONFIG,
+    DIST,
+    PACKAGE,
+    USER_PASSWORD,
+    ApplyRun,
+    ArgvWatcher,
+    Ports,
+    apply,
+    config_text,
+    processes,
+)
 from clients import (
     Site,
     build_wheel,
@@ -24,104 +34,7 @@ from clients import (
     twine_upload,
     uv_install,
 )
-from nspawn import NspawnHost, free_port
-
-REPO = Path(__file__).resolve().parents[2]
-DIST = REPO / "dist" / "devpi-agent"
-AGENT = "/usr/local/sbin/devpi-agent"
-CONFIG = "/etc/devpi-agent/config.toml"
-# Canary passwords: they must never show up in any log, output or process list.
-USER_PASSWORD = "canary-Pw-7f3a9c2e1b"
-CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
-PACKAGE = "devpi-agent-canary"
-
-
-@dataclass
-class Ports:
-    https: int
-    devpi: int
-    admin: int
-
-
-def config_text(ports: Ports, password: str = USER_PASSWORD) -> str:
-    return f"""
-[server]
-domain = "127.0.0.1"
-https_port = {ports.https}
-http_port = 0
-tls = "internal"
-caddy_admin = "127.0.0.1:{ports.admin}"
-
-[devpi]
-port = {ports.devpi}
-
-[[users]]
-name = "devops"
-password = "{password}"
-
-[[indexes]]
-name = "devops/pypi"
-bases = ["root/pypi"]
-"""
-
-
-@dataclass
-class ApplyRun:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def report(self) -> dict[str, object]:
-        parsed: dict[str, object] = json.loads(self.stdout)
-        return parsed
-
-
-def apply(host: NspawnHost, *extra: str, config: str = CONFIG) -> ApplyRun:
-    started = time.monotonic()
-    # cloud-init runs the agent with HOME unset; do the same.
-    result = host.run(
-        ["env", "-u", "HOME", AGENT, "apply", "--config", config, "--json", *extra],
-        check=False,
-        timeout=1200,
-    )
-    return ApplyRun(
-        result.returncode,
-        result.stdout.decode(errors="replace"),
-        result.stderr.decode(errors="replace"),
-        time.monotonic() - started,
-    )
-
-
-class ArgvWatcher:
-    """Samples every process's argv on this machine (containers included) while a run lasts."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            for entry in os.scandir("/proc"):
-                if entry.name.isdigit():
-                    try:
-                        with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
-                            self.seen.add(
-                                handle.read().replace(b"\0", b" ").decode(errors="replace")
-                            )
-                    except OSError:
-                        pass
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> ArgvWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+from nspawn import NspawnHost
 
 
 @dataclass
@@ -138,7 +51,7 @@ class Converged:
 @pytest.fixture(scope="module")
 def converged(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Converged]:
     assert DIST.exists(), f"{DIST} is missing: run `make dist` first"
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports.free()
     workdir = tmp_path_factory.mktemp("clients")
     host = NspawnHost(rootfs)
     try:
@@ -272,33 +185,6 @@ def test_secret_files_are_private(converged: Converged) -> None:
     assert host.output(["stat", "-c", "%a %U:%G", "/etc/caddy/Caddyfile"]) == "640 root:caddy"
 
 
-_PROCESSES = """
-import os, pwd
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
-        uid = os.stat(f"/proc/{pid}").st_uid
-    except OSError:
-        continue
-    name = os.path.basename(argv[0].decode())
-    print(pwd.getpwuid(uid).pw_name, name, *[a.decode() for a in argv[1:2]])
-"""
-
-
-def processes(host: NspawnHost) -> list[tuple[str, str]]:
-    """(user, program) of every process in the host; minbase images have no ps."""
-    out = host.output(["python3", "-c", _PROCESSES])
-    result = []
-    for line in out.splitlines():
-        user, *argv = line.split()
-        # Python programs show as "python3 /path/to/script": name them by the script.
-        program = (
-            os.path.basename(argv[1]) if argv[0].startswith("python") and len(argv) > 1 else argv[0]
-        )
-        result.append((user, program))
-    return result
-
-
 def test_devpi_runs_unprivileged(converged: Converged) -> None:
     users = {user for user, program in processes(converged.host) if program == "devpi-server"}
     assert users == {"devpi"}
@@ -353,7 +239,7 @@ def fresh_host(rootfs: Path) -> Iterator[NspawnHost]:
 
 
 def test_invalid_config_on_a_fresh_host_installs_nothing(fresh_host: NspawnHost) -> None:
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports.free()
     fresh_host.write(CONFIG, config_text(ports, password="x" * 73), mode=0o600)
     fresh_host.start(systemd=True)
     run = apply(fresh_host)
@@ -366,7 +252,7 @@ def test_invalid_config_on_a_fresh_host_installs_nothing(fresh_host: NspawnHost)
 
 
 def test_without_systemd_the_agent_starts_supervisord_and_caddy(fresh_host: NspawnHost) -> None:
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports.free()
     fresh_host.write(CONFIG, config_text(ports), mode=0o600)
     fresh_host.start(systemd=False)
     first = apply(fresh_host)
