@@ -13,13 +13,37 @@ DIST_INPUTS := $(shell find agent units -name __pycache__ -prune -o ! -name '*.p
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: dist lock venv lint unit integration test demo demo-stop clean
+# The GitHub repository whose releases carry the agent; cloud-init.yaml downloads from it.
+RELEASE_REPO := devpi-agent/devpi-agent
+AGENT_URL := https://github.com/$(RELEASE_REPO)/releases/latest/download/devpi-agent
+CLOUD_INIT_YAML ?= cloud-init.yaml
+
+.PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
+        release vagrant-user-data vm
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
 
 dist/devpi-agent: $(DIST_INPUTS)
 	tools/build-dist.sh
+
+## release: dist/devpi-agent, its .sha256 and dist/SHA256SUMS (what a GitHub release carries)
+release: dist
+	cd dist && sha256sum devpi-agent > SHA256SUMS
+	cat dist/SHA256SUMS
+
+## cloud-init.yaml: regenerate the committed user-data from units/cloud-init.yaml.j2
+$(CLOUD_INIT_YAML): units/cloud-init.yaml.j2 agent/userdata.py | venv
+	$(PY) -m agent user-data --placeholders --agent-url '$(AGENT_URL)' > $@.tmp
+	mv $@.tmp $@
+
+## vagrant-user-data: dist/vagrant-user-data.yaml for the Vagrantfile (prints a new password)
+vagrant-user-data: dist/vagrant-user-data.yaml
+
+dist/vagrant-user-data.yaml: dist/devpi-agent
+	dist/devpi-agent user-data --domain 127.0.0.1 --tls internal --https-port 8443 \
+	    --http-port 0 --user devops --agent-url file:///opt/devpi-agent-dist/devpi-agent \
+	    --agent-file dist/devpi-agent -o $@
 
 ## lock: regenerate pex.lock from requirements.in
 lock:
@@ -35,8 +59,8 @@ venv: $(VENV)/.installed
 
 ## lint: ruff and mypy
 lint: venv
-	$(VENV)/bin/ruff check agent tests tools
-	$(VENV)/bin/ruff format --check agent tests tools
+	$(VENV)/bin/ruff check agent tests tools bench
+	$(VENV)/bin/ruff format --check agent tests tools bench
 	$(VENV)/bin/mypy
 
 ## unit: the fast tier (no root needed)
@@ -46,6 +70,10 @@ unit: venv
 ## integration: boots systemd-nspawn hosts and drives them with twine, pip and uv (root)
 integration: venv dist
 	$(VENV)/bin/pytest tests/integration -v -rA
+
+## vm: boots a Debian 12 cloud VM (qemu, TCG) with cloud-init.yaml's template as user data (root)
+vm: venv dist
+	$(VENV)/bin/pytest tests/vm -v -rA
 
 ## test: everything CI runs (as root)
 test: venv dist
@@ -59,6 +87,10 @@ demo: venv dist
 ## demo-stop: stop and delete the demo container
 demo-stop: venv
 	$(PY) tools/demo.py down
+
+## bench: performance figures (issue #6) into bench/results/ (root; ~6 min)
+bench: venv dist
+	$(PY) bench/run.py
 
 clean:
 	rm -rf dist .venv-build .pytest_cache .mypy_cache .ruff_cache

@@ -168,3 +168,20 @@ def _print_summary(report: RunReport) -> None:
 def version() -> None:
     """Print the agent's version."""
     click.echo(f"devpi-agent {__version__}")
+
+
+from agent.userdata import user_data  # noqa: E402  (issue #3)
+
+main.add_command(user_data)
+
+from agent.ca import ca  # noqa: E402  (issue #8)
+
+main.add_command(ca)
+
+from agent.backup import backup, restore_command  # noqa: E402  (issue #4)
+from agent.client_config import client_config  # noqa: E402
+from agent.passwd import passwd  # noqa: E402
+from agent.verify import verify  # noqa: E402
+
+for _command in (verify, client_config, passwd, backup, restore_command):
+    main.add_command(_command)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ DEFAULT_DEVPI_SERVER_VERSION = "6.20.3"
 DEFAULT_DEVPI_WEB_VERSION = "5.1.1"
 DEFAULT_DEVPI_CLIENT_VERSION = "7.3.0"
 
-TlsMode = Literal["acme", "internal"]
+TlsMode = Literal["acme", "internal", "files"]
 CaddySource = Literal["distro", "official"]
 Indexer = Literal["null", "whoosh"]
+UpgradeMode = Literal["auto", "export-import"]
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -54,6 +56,11 @@ class ServerConfig:
     tls: TlsMode = "acme"
     acme_email: str | None = None
     caddy_admin: str = "localhost:2019"
+    acme_ca: str | None = None  # ACME directory URL; None: Caddy's default (Let's Encrypt)
+    acme_ca_root: Path | None = None  # PEM root that signs the acme_ca server's certificate
+    acme_preflight: bool = True
+    cert_file: Path | None = None  # tls = "files"
+    key_file: Path | None = None
 
     @property
     def outside_url(self) -> str:
@@ -74,6 +81,11 @@ class DevpiConfig:
     web_version: str = DEFAULT_DEVPI_WEB_VERSION
     client_version: str = DEFAULT_DEVPI_CLIENT_VERSION
     indexer: Indexer = "null"
+    # True: users and indexes missing from the config are deleted from devpi (never root's).
+    prune: bool = False
+    # "auto": in place within a devpi-server major version, export and import across majors;
+    # "export-import": every devpi-server version change goes through export and import.
+    upgrade: UpgradeMode = "auto"
 
     @property
     def serverdir(self) -> Path:
@@ -104,6 +116,15 @@ class CaddyConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    enabled: bool = True
+    dir: Path = Path("/var/backups/devpi")
+    # A systemd OnCalendar value; cron hosts accept hourly, daily, weekly, monthly and HH:MM.
+    schedule: str = "daily"
+    keep: int = 7
+
+
+@dataclass(frozen=True)
 class User:
     name: str
     password: str = field(repr=False)
@@ -127,6 +148,7 @@ class Config:
     devpi: DevpiConfig = DevpiConfig()
     apt: AptConfig = AptConfig()
     caddy: CaddyConfig = CaddyConfig()
+    backup: BackupConfig = BackupConfig()
     users: tuple[User, ...] = ()
     indexes: tuple[Index, ...] = ()
     path: Path | None = None
@@ -239,7 +261,7 @@ def _parse_server(table: _Table) -> ServerConfig:
     http_port = _port(table, "http_port", 80, allow_zero=True)
     if http_port == https_port:
         raise ConfigError(table.path("http_port"), "must differ from server.https_port")
-    tls = _choice(table, "tls", ("acme", "internal"), "acme")
+    tls = _choice(table, "tls", ("acme", "internal", "files"), "acme")
     email: str | None = table.get("acme_email", str, None)
     if email is not None and not _EMAIL.fullmatch(email):
         raise ConfigError(table.path("acme_email"), f"{email!r} is not an e-mail address")
@@ -256,6 +278,7 @@ def _parse_server(table: _Table) -> ServerConfig:
     match = _HOST_PORT.fullmatch(admin)
     if not match or not 1 <= int(match["port"]) <= 65535:
         raise ConfigError(table.path("caddy_admin"), f"{admin!r} is not host:port")
+    tls_settings = _parse_tls_settings(table, tls)
     table.finish()
     return ServerConfig(
         domain=domain,
@@ -264,7 +287,66 @@ def _parse_server(table: _Table) -> ServerConfig:
         tls=tls,  # type: ignore[arg-type]
         acme_email=email,
         caddy_admin=admin,
+        **tls_settings,
     )
+
+
+def _parse_tls_settings(table: _Table, tls: str) -> dict[str, Any]:
+    """acme_ca / acme_ca_root / acme_preflight belong to "acme", cert_file / key_file to "files"."""
+    mode_of = {
+        "acme_ca": "acme",
+        "acme_ca_root": "acme",
+        "acme_preflight": "acme",
+        "cert_file": "files",
+        "key_file": "files",
+    }
+    for name, mode in mode_of.items():
+        if name in table.data and tls != mode:
+            raise ConfigError(table.path(name), f'only used with tls = "{mode}", not "{tls}"')
+    acme_ca: str | None = table.get("acme_ca", str, None)
+    if acme_ca is not None:
+        _check_https_url(table.path("acme_ca"), acme_ca)
+    acme_ca_root = _optional_absolute_path(table, "acme_ca_root")
+    if acme_ca_root is not None and acme_ca is None:
+        raise ConfigError(
+            table.path("acme_ca_root"),
+            "needs server.acme_ca (the default CA's root is already trusted)",
+        )
+    acme_preflight: bool = table.get("acme_preflight", bool, True)
+    cert_file = _optional_absolute_path(table, "cert_file")
+    key_file = _optional_absolute_path(table, "key_file")
+    if tls == "files":
+        for name, value in (("cert_file", cert_file), ("key_file", key_file)):
+            if value is None:
+                raise ConfigError(table.path(name), 'required with tls = "files"')
+    return {
+        "acme_ca": acme_ca,
+        "acme_ca_root": acme_ca_root,
+        "acme_preflight": acme_preflight,
+        "cert_file": cert_file,
+        "key_file": key_file,
+    }
+
+
+def _optional_absolute_path(table: _Table, name: str) -> Path | None:
+    value: str | None = table.get(name, str, None)
+    if value is None:
+        return None
+    if not value.startswith("/") or "\0" in value or "\n" in value:
+        raise ConfigError(table.path(name), f"{value!r} is not an absolute path")
+    return Path(value)
+
+
+def _check_https_url(key: str, url: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme == "https" and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        valid = False
+    # It goes into the Caddyfile unquoted: no blanks, quotes or braces.
+    if not valid or any(ch.isspace() or ch in '"{}' for ch in url):
+        raise ConfigError(key, f"{url!r} is not an https:// URL of an ACME directory")
 
 
 def _parse_devpi(table: _Table) -> DevpiConfig:
@@ -283,6 +365,8 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
         web_version=_version(table, "web_version", defaults.web_version),
         client_version=_version(table, "client_version", defaults.client_version),
         indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
+        prune=table.get("prune", bool, defaults.prune),
+        upgrade=_choice(table, "upgrade", ("auto", "export-import"), defaults.upgrade),  # type: ignore[arg-type]
     )
     table.finish()
     return devpi
@@ -301,6 +385,30 @@ def _parse_caddy(table: _Table) -> CaddyConfig:
     source = _choice(table, "source", ("distro", "official"), "distro")
     table.finish()
     return CaddyConfig(source=source)  # type: ignore[arg-type]
+
+
+_SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
+
+
+def _parse_backup(table: _Table) -> BackupConfig:
+    defaults = BackupConfig()
+    enabled: bool = table.get("enabled", bool, defaults.enabled)
+    directory = _absolute_path(table, "dir", defaults.dir)
+    if directory == Path("/"):
+        raise ConfigError(table.path("dir"), "must not be /")
+    schedule: str = table.get("schedule", str, defaults.schedule)
+    if not _SCHEDULE.fullmatch(schedule.strip()):
+        raise ConfigError(table.path("schedule"), f"{schedule!r} is not a calendar expression")
+    keep: int = table.get("keep", int, defaults.keep)
+    if keep < 1:
+        raise ConfigError(table.path("keep"), "must keep at least 1 backup")
+    table.finish()
+    return BackupConfig(enabled=enabled, dir=directory, schedule=schedule.strip(), keep=keep)
+
+
+def check_password(key: str, password: str) -> None:
+    """Raise ConfigError (naming `key`) for a password bcrypt or devpi would not take."""
+    _check_password(key, password)
 
 
 def _check_password(key: str, password: str) -> None:
@@ -447,6 +555,7 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     devpi = _parse_devpi(top.table("devpi"))
     apt = _parse_apt(top.table("apt"))
     caddy = _parse_caddy(top.table("caddy"))
+    backup = _parse_backup(top.table("backup"))
     users = _parse_users(_array_of_tables(top, "users"))
     if not users:
         raise ConfigError(
@@ -462,6 +571,7 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
         devpi=devpi,
         apt=apt,
         caddy=caddy,
+        backup=backup,
         users=users,
         indexes=indexes,
         path=path,

@@ -101,6 +101,18 @@ class DevpiApi:
     def set_bases(self, user: str, index: str, bases: tuple[str, ...]) -> None:
         self.checked("PATCH", f"/{user}/{index}", {"bases": list(bases)})
 
+    def delete_index(self, user: str, index: str) -> None:
+        self.checked("DELETE", f"/{user}/{index}")
+
+    def delete_user(self, user: str) -> None:
+        """Deletes the user and every index it owns, uploads included."""
+        self.checked("DELETE", f"/{user}")
+
+    def projects(self, user: str, index: str) -> list[str]:
+        """The projects uploaded to a stage index (not those it inherits from its bases)."""
+        payload = self.checked("GET", f"/{user}/{index}")
+        return sorted(payload["result"].get("projects") or [])
+
 
 def _json(raw: bytes) -> Any:
     try:

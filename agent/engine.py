@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.crashpoint import crashpoint
 from agent.files import FileChange
 from agent.runner import CommandFailed
 from agent.steps import Context, Step, StepFailed
@@ -71,7 +72,9 @@ def run_steps(ctx: Context, steps: Sequence[Step]) -> RunReport:
         began = time.monotonic()
         error: str | None = None
         try:
+            crashpoint(f"{step.name}:before")
             step.converge(ctx)
+            crashpoint(f"{step.name}:after")
         except (StepFailed, CommandFailed) as failure:
             error = str(failure)
             log.error("step failed", error=error)

@@ -17,6 +17,7 @@ from typing import Protocol
 import sh
 
 from agent import log
+from agent.crashpoint import crashpoint
 from agent.log import redactor
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -130,14 +131,17 @@ class ShRunner:
         out_lines: list[str] = []
         err_lines: list[str] = []
         bar = _Progress(progress) if progress else None
+        point = f"run:{progress or os.path.basename(argv[0])}"
 
         def on_out(line: str) -> None:
             out_lines.append(line)
+            crashpoint(point, line)
             if bar:
                 bar(line)
 
         def on_err(line: str) -> None:
             err_lines.append(line)
+            crashpoint(point, line)
 
         started = time.monotonic()
         try:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from agent.steps import (
     apt,
+    backup,
     caddy,
     devpi_config,
     devpi_init,
     devpi_users,
     service_user,
     supervisor,
+    tls,
+    upgrade,
     venv,
 )
 from agent.steps.base import Context, Step, StepFailed
@@ -18,13 +21,18 @@ STEPS: tuple[Step, ...] = tuple(
     Step(module.NAME, module.converge, (module.__doc__ or "").strip().splitlines()[0])
     for module in (
         apt,
+        # Right after apt (it makes the caddy group): a TLS problem stops the run before
+        # devpi or Caddy are changed, so the old configuration keeps serving as it was.
+        tls,
         service_user,
+        upgrade,
         venv,
         devpi_config,
         devpi_init,
         supervisor,
         devpi_users,
         caddy,
+        backup,
     )
 )
 

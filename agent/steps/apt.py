@@ -8,12 +8,14 @@ come up at once with its stock Caddyfile on :80 and localhost:2019, before the a
 from __future__ import annotations
 
 import base64
+import re
 import time
 import urllib.request
 from pathlib import Path
 
 from agent.facts import installed_packages
 from agent.files import render
+from agent.runner import CommandFailed
 from agent.steps.base import Context, StepFailed
 
 NAME = "apt"
@@ -24,6 +26,8 @@ POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 CADDY_KEYRING = Path("/usr/share/keyrings/caddy-stable-archive-keyring.gpg")
 CADDY_LIST = Path("/etc/apt/sources.list.d/caddy-stable.list")
 CADDY_KEY_URL = "https://dl.cloudsmith.io/public/caddy/stable/gpg.key"
+DPKG_UPDATES = Path("/var/lib/dpkg/updates")
+LISTS_PENDING = "apt-lists"
 
 
 APT_ENV = {
@@ -92,6 +96,8 @@ def _official_caddy_repo(ctx: Context) -> bool:
 
 def converge(ctx: Context) -> None:
     remove_leftover_policy(ctx)
+    if dpkg_interrupted(ctx) and ctx.change("finish an interrupted dpkg run (dpkg --configure -a)"):
+        _finish_dpkg(ctx)
     sources_changed = False
     if ctx.config.caddy.source == "official":
         sources_changed = _official_caddy_repo(ctx)
@@ -101,38 +107,88 @@ def converge(ctx: Context) -> None:
     ctx.log.info("packages", installed=sorted(installed), missing=missing)
 
     need_update = bool(missing or ctx.config.apt.upgrade) and (
-        sources_changed or not lists_are_fresh(ctx)
+        sources_changed or ctx.is_pending(LISTS_PENDING) or not lists_are_fresh(ctx)
     )
     if need_update and ctx.change("refresh apt package lists"):
-        ctx.runner.run(
-            ["apt-get", *apt_options(ctx), "update"],
-            env=APT_ENV,
-            timeout=ctx.config.apt.lock_timeout + 600,
-            progress="apt-get update",
-        )
+        # A run killed mid-update leaves some lists new and some old: fresh by their age, but
+        # not consistent. The marker makes the next run update again.
+        ctx.mark_pending(LISTS_PENDING)
+        _apt_get(ctx, "update", timeout=600, progress="apt-get update")
+        ctx.clear_pending(LISTS_PENDING)
 
     if ctx.config.apt.upgrade:
         _upgrade(ctx)
 
     if missing and ctx.change(f"install {' '.join(missing)}"):
         with _services_held(ctx):
-            ctx.runner.run(
-                [
-                    "apt-get",
-                    *apt_options(ctx),
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                    *missing,
-                ],
-                env=APT_ENV,
-                timeout=ctx.config.apt.lock_timeout + 1800,
+            _apt_get(
+                ctx,
+                "install",
+                "-y",
+                "--no-install-recommends",
+                *missing,
+                timeout=1800,
                 progress="apt-get install",
             )
         now_installed = installed_packages(ctx.runner, PACKAGES)
         still_missing = [name for name in PACKAGES if name not in now_installed]
         if still_missing:
             raise StepFailed(f"apt-get finished but {' '.join(still_missing)} is not installed")
+
+
+_LOCK_ERROR = re.compile(
+    r"Could not get lock (?P<lock>/\S+?)[.\s]+(?:It is held by process (?P<pid>\d+)"
+    r"(?: \((?P<program>[^)]*)\))?)?"
+)
+
+
+def _apt_get(ctx: Context, *args: str, timeout: float, progress: str) -> None:
+    """apt-get, waiting up to apt.lock_timeout for the dpkg lock; a lock held longer than that
+    fails the step with a message naming the lock and its holder."""
+    try:
+        ctx.runner.run(
+            ["apt-get", *apt_options(ctx), *args],
+            env=APT_ENV,
+            timeout=ctx.config.apt.lock_timeout + timeout,
+            progress=progress,
+        )
+    except CommandFailed as failure:
+        match = _LOCK_ERROR.search(failure.result.stdout + failure.result.stderr)
+        if match is None:
+            raise
+        holder = f"process {match['pid']}" if match["pid"] else "another process"
+        if match["program"]:
+            holder += f" ({match['program']})"
+        raise StepFailed(
+            f"apt-get {args[0]}: {match['lock']} is held by {holder}; waited "
+            f"apt.lock_timeout = {ctx.config.apt.lock_timeout} s for it. Run again once the "
+            "other package manager has finished."
+        ) from None
+
+
+def dpkg_interrupted(ctx: Context) -> bool:
+    """dpkg's journal holds entries (files named by digits), as apt checks before refusing
+    with "dpkg was interrupted": a run (ours or another) was killed mid-install."""
+    updates = ctx.files.host_path(DPKG_UPDATES)
+    try:
+        return any(entry.name.isdigit() for entry in updates.iterdir())
+    except OSError:
+        return False
+
+
+def _finish_dpkg(ctx: Context) -> None:
+    """What apt asks for after a killed install. A package left half-unpacked makes it exit
+    non-zero; apt-get install then reinstalls that one, so the failure is only logged."""
+    with _services_held(ctx):
+        result = ctx.runner.run(
+            ["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"],
+            env=APT_ENV,
+            timeout=1800,
+            check=False,
+            progress="dpkg --configure -a",
+        )
+    if not result.ok:
+        ctx.log.warning("dpkg --configure -a failed", rc=result.returncode, output=result.tail())
 
 
 def _upgrade(ctx: Context) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.crashpoint import crashpoint
 from agent.files import render
 from agent.steps.base import Context
 
@@ -26,5 +27,9 @@ def content(ctx: Context) -> str:
 
 def converge(ctx: Context) -> None:
     ctx.mkdir(CONFIG_DIR, mode=0o755)
-    if ctx.write(CONFIG_FILE, content(ctx), mode=0o644):
+    wanted = content(ctx)
+    if ctx.files.read(CONFIG_FILE) != wanted:
+        # Marked before the write: a run killed between the two still restarts devpi next time.
         ctx.mark_pending("devpi-server-restart")
+    ctx.write(CONFIG_FILE, wanted, mode=0o644)
+    crashpoint("devpi-config:written")

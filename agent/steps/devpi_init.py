@@ -11,6 +11,7 @@ import secrets
 import shutil
 
 from agent.config import ConfigError, read_password_file
+from agent.crashpoint import crashpoint
 from agent.log import redactor
 from agent.steps.base import Context, StepFailed
 from agent.steps.devpi_config import CONFIG_FILE
@@ -45,6 +46,7 @@ def ensure_root_password(ctx: Context) -> str:
 def converge(ctx: Context) -> None:
     devpi = ctx.config.devpi
     password = ensure_root_password(ctx)
+    crashpoint("devpi-init:password-written")
     bin_dir = devpi.venv / "bin"
 
     if not ctx.files.exists(devpi.secretfile) and ctx.change(
@@ -88,5 +90,5 @@ def converge(ctx: Context) -> None:
         )
         if not (real_staging / ".nodeinfo").exists():
             raise StepFailed(f"devpi-init finished but {staging}/.nodeinfo is missing")
-        real_staging.rename(real_serverdir)
         ctx.mark_pending("devpi-server-restart")
+        real_staging.rename(real_serverdir)

@@ -1,12 +1,17 @@
 """devpi users and indexes through devpi's HTTP API (no password ever in argv).
 
 Missing users and indexes are created, a password that no longer logs in is set, bases that
-differ are updated. Nothing is deleted. The root login happens only when something must change.
+differ are updated. Nothing is deleted unless `devpi.prune` is true; then users and indexes the
+config does not declare are deleted (root and root's indexes never). The root login happens only
+when something must change.
 """
 
 from __future__ import annotations
 
-from agent.devpi_api import DevpiApi, DevpiError
+from collections.abc import Callable
+
+from agent.crashpoint import crashpoint
+from agent.devpi_api import DevpiApi, DevpiError, RemoteUser
 from agent.steps.base import Context, StepFailed
 from agent.steps.devpi_init import root_password
 from agent.steps.supervisor import devpi_api_answers
@@ -53,11 +58,13 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
             if ctx.change(f"create devpi user {user.name}"):
                 as_root()
                 api.create_user(user.name, user.password)
+                crashpoint("devpi-users:changed")
         elif not api.password_matches(user.name, user.password) and ctx.change(
             f"set the password of devpi user {user.name}"
         ):
             as_root()
             api.set_password(user.name, user.password)
+            crashpoint("devpi-users:changed")
 
     for index in ctx.config.indexes:
         existing = remote.get(index.user)
@@ -66,8 +73,53 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
             if ctx.change(f"create index {index.name} bases={','.join(index.bases)}"):
                 as_root()
                 api.create_index(index.user, index.index, index.bases)
+                crashpoint("devpi-users:changed")
         elif current.bases != index.bases:
             described = f"{','.join(current.bases)} -> {','.join(index.bases)}"
             if ctx.change(f"set bases of {index.name}: {described}"):
                 as_root()
                 api.set_bases(index.user, index.index, index.bases)
+                crashpoint("devpi-users:changed")
+
+    if ctx.config.devpi.prune:
+        _prune(ctx, api, remote, as_root)
+
+
+def prune_plan(ctx: Context, remote: dict[str, RemoteUser]) -> tuple[list[str], list[str]]:
+    """(indexes, users) to delete: what devpi has and the config does not declare, root's never.
+
+    Indexes come in an order where none is deleted before an index that still uses it as a base.
+    """
+    declared_users = {user.name for user in ctx.config.users}
+    declared_indexes = {index.name for index in ctx.config.indexes}
+    users = sorted(name for name in remote if name != "root" and name not in declared_users)
+    doomed = {
+        index.name: index
+        for user in remote.values()
+        if user.name != "root"
+        for index in user.indexes.values()
+        if index.name not in declared_indexes
+    }
+    ordered: list[str] = []
+    while doomed:
+        used_as_base = {base for index in doomed.values() for base in index.bases}
+        ready = sorted(name for name in doomed if name not in used_as_base) or sorted(doomed)
+        for name in ready:
+            ordered.append(name)
+            del doomed[name]
+    return ordered, users
+
+
+def _prune(
+    ctx: Context, api: DevpiApi, remote: dict[str, RemoteUser], as_root: Callable[[], None]
+) -> None:
+    indexes, users = prune_plan(ctx, remote)
+    for name in indexes:
+        if ctx.change(f"delete index {name} and its uploads (devpi.prune = true)"):
+            as_root()
+            user, index = name.split("/")
+            api.delete_index(user, index)
+    for name in users:
+        if ctx.change(f"delete devpi user {name} (devpi.prune = true)"):
+            as_root()
+            api.delete_user(name)

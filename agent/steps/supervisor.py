@@ -12,6 +12,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from agent import supervisor_rpc
+from agent.crashpoint import crashpoint
 from agent.files import render
 from agent.runner import Result
 from agent.steps.base import Context, StepFailed
@@ -35,17 +37,11 @@ def supervisorctl(ctx: Context, *args: str, check: bool = True, timeout: float =
 
 def program_state(ctx: Context, program: str) -> str | None:
     """RUNNING, STARTING, BACKOFF, FATAL, STOPPED...; None when supervisord does not know it."""
-    result = supervisorctl(ctx, "status", program, check=False)
-    fields = result.stdout.split()
-    if len(fields) >= 2 and fields[0] == program:
-        return fields[1]
-    return None
+    return supervisor_rpc.process_state(ctx.files.host_path(SUPERVISORD_CONF), program)
 
 
 def supervisord_answers(ctx: Context) -> bool:
-    if ctx.runner.which("supervisorctl") is None:
-        return False
-    return supervisorctl(ctx, "pid", check=False).stdout.strip().isdigit()
+    return supervisor_rpc.supervisord_pid(ctx.files.host_path(SUPERVISORD_CONF)) is not None
 
 
 def ensure_supervisord(ctx: Context) -> None:
@@ -65,12 +61,19 @@ def ensure_supervisord(ctx: Context) -> None:
 def ensure_program(ctx: Context, program: str, content: str) -> bool:
     """Install a program definition and have supervisord pick it up; True if anything changed."""
     path = PROGRAMS_DIR / f"{program}.conf"
+    update_pending = f"supervisor-update-{program}"
+    if ctx.files.read(path) != content:
+        # Marked before the write: a run killed before `update` must still do it next time,
+        # or supervisord would keep running the old definition.
+        ctx.mark_pending(update_pending)
     changed = ctx.write(path, content, mode=0o644)
+    crashpoint(f"supervisor:{program}-written")
     known = program_state(ctx, program) is not None if not ctx.check else not changed
-    if (changed or not known) and not ctx.check:
+    if (changed or not known or ctx.is_pending(update_pending)) and not ctx.check:
         supervisorctl(ctx, "reread")
         # `update` starts new programs and restarts those whose definition changed.
         supervisorctl(ctx, "update", program)
+        ctx.clear_pending(update_pending)
         return True
     return changed
 
@@ -167,6 +170,7 @@ def converge(ctx: Context) -> None:
     started = ensure_running(ctx, DEVPI_PROGRAM, restart=restart) or updated
     if ctx.check:
         return
+    crashpoint("supervisor:before-ready")
     wait_for_devpi(ctx)
     ctx.clear_pending(RESTART_PENDING)
     if started:

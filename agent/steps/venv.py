@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from agent.crashpoint import crashpoint
 from agent.steps.base import Context, StepFailed
 
 NAME = "venv"
@@ -15,6 +16,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # The OS trust store, so a company CA added with update-ca-certificates (TLS-inspecting proxies)
 # works for pip as it does for apt; pip's bundled certifi would not know it.
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# On disk while the venv is being built; still there at the next run means the build was cut short.
+BUILD_PENDING = "venv-build"
 _DIST_INFO = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)\.dist-info$")
 
 
@@ -54,15 +57,26 @@ def pip_env() -> dict[str, str]:
 def converge(ctx: Context) -> None:
     venv = ctx.config.devpi.venv
     python = venv / "bin" / "python"
-    if not ctx.files.exists(python) and ctx.change(f"create venv {venv}"):
-        ctx.files.ensure_dir(venv.parent, mode=0o755)
-        ctx.runner.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], timeout=300)
-        if not ctx.files.exists(python):
-            raise StepFailed(f"python3 -m venv did not create {python}")
+    # A run killed while it built the venv leaves it in an unknown state (pip without its own
+    # files, a package half unpacked but with its dist-info): the next run builds it again.
+    interrupted = ctx.is_pending(BUILD_PENDING)
+    if interrupted or not ctx.files.exists(python):
+        again = " again (the last build was cut short)" if interrupted else ""
+        if ctx.change(f"create venv {venv}{again}"):
+            ctx.mark_pending(BUILD_PENDING)
+            ctx.files.ensure_dir(venv.parent, mode=0o755)
+            # --clear empties a venv (it has a pyvenv.cfg), never a directory that is not one.
+            clear = ["--clear"] if ctx.files.exists(venv / "pyvenv.cfg") else []
+            ctx.runner.run([SYSTEM_PYTHON, "-m", "venv", *clear, str(venv)], timeout=300)
+            if not ctx.files.exists(python):
+                raise StepFailed(f"python3 -m venv did not create {python}")
+            crashpoint("venv:created")
     pins = missing_pins(ctx)
     if not pins:
+        ctx.clear_pending(BUILD_PENDING)
         return
     if ctx.change(f"pip install {' '.join(pins)}"):
+        ctx.mark_pending(BUILD_PENDING)
         ctx.runner.run(
             [
                 str(python),
@@ -84,3 +98,4 @@ def converge(ctx: Context) -> None:
         if still:
             raise StepFailed(f"pip finished but {' '.join(still)} is not installed")
         ctx.mark_pending("devpi-server-restart")
+        ctx.clear_pending(BUILD_PENDING)

@@ -794,6 +794,35 @@ class NspawnHost:
         if errors:
             raise HostError(f"{self.machine}: " + "; ".join(errors))
 
+    def reboot(self, timeout: float = 120) -> None:
+        """Restart the host as a machine restarts: an orderly shutdown (services are stopped by
+        the inner systemd), then a fresh boot on the same rootfs. Files on disk stay; /run,
+        /tmp and every process do not. The scratch dir and the overlay mount are kept."""
+        proc = self._proc
+        if proc is None or self._stopped or proc.poll() is not None:
+            raise HostError(f"{self.machine} is not running")
+        systemd = bool(self.systemd)
+        t0 = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise HostError(
+                f"{self.machine}: orderly shutdown took more than {timeout}s:\n"
+                + _tail(self.log_path)
+            ) from None
+        if self._leader is not None:
+            self._wait_gone(self._leader, 10)
+        for cg in self._cgroups:
+            _remove_cgroup_tree(cg)
+        _remove_nspawn_runtime_dirs(self.machine)
+        self._proc = None
+        self._leader = None
+        self._cgroups = []
+        self.timings["shutdown"] = time.monotonic() - t0
+        self.start(systemd=systemd, timeout=timeout)
+
     @staticmethod
     def _wait_gone(pid: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout

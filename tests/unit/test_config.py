@@ -592,7 +592,19 @@ def test_load_with_password_file(tmp_path: Path) -> None:
 
 KNOWN_KEYS: dict[str, list[str]] = {
     "": ["server", "devpi", "apt", "caddy", "users", "indexes"],
-    "server": ["domain", "https_port", "http_port", "tls", "acme_email", "caddy_admin"],
+    "server": [
+        "domain",
+        "https_port",
+        "http_port",
+        "tls",
+        "acme_email",
+        "caddy_admin",
+        "acme_ca",
+        "acme_ca_root",
+        "acme_preflight",
+        "cert_file",
+        "key_file",
+    ],
     "devpi": [
         "port",
         "user",

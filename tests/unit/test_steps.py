@@ -41,13 +41,16 @@ def mode_of(path: Path) -> int:
 def test_steps_are_in_order() -> None:
     assert [s.name for s in STEPS] == [
         "apt",
+        "tls",
         "service-user",
+        "devpi-upgrade",
         "venv",
         "devpi-config",
         "devpi-init",
         "supervisor",
         "devpi-users",
         "caddy",
+        "backup",
     ]
     assert all(s.description for s in STEPS)
 

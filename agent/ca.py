@@ -1,0 +1,70 @@
+"""`devpi-agent ca`: print the root certificate of Caddy's local CA, for clients to trust.
+
+Only with tls = "internal": with "acme" the certificate chains to a CA clients already trust (or
+to the company's ACME CA), with "files" to the company's own CA.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load
+from agent.x509 import CertificateError, load_pem
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_CANNOT_START = 1, 2, 3
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> None:
+    click.echo(f"devpi-agent ca: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command("ca")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="The agent's TOML config.",
+)
+def ca(config_path: Path) -> None:
+    """Print Caddy's local CA root certificate (PEM; tls = "internal") for clients to trust."""
+    from agent.steps.caddy import caddy_home
+    from agent.tls import internal_root
+
+    try:
+        config = load(config_path)
+    except ConfigError as error:
+        _fail(f"invalid config: {error}", EXIT_CONFIG)
+        return
+    server = config.server
+    if server.tls != "internal":
+        source = {
+            "acme": f"the ACME CA at {server.acme_ca}" if server.acme_ca else "Let's Encrypt",
+            "files": f"the CA that issued {server.cert_file}",
+        }[server.tls]
+        _fail(
+            f'server.tls is "{server.tls}": the certificate comes from {source}, not from '
+            f'Caddy\'s local CA; `ca` prints that CA only with tls = "internal"'
+        )
+    path = internal_root(caddy_home())
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        _fail(
+            f"Caddy's local CA does not exist yet ({path}): Caddy creates it when it first "
+            f"serves with tls internal; run `devpi-agent apply` first"
+        )
+        return
+    except PermissionError:
+        _fail(f"{path} is not readable: run as root (sudo devpi-agent ca)", EXIT_CANNOT_START)
+        return
+    try:
+        load_pem(pem)
+    except CertificateError as error:
+        _fail(f"{path} is not a PEM certificate: {error}")
+    click.echo(pem.decode("ascii", "replace"), nl=False)

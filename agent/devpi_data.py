@@ -1,0 +1,205 @@
+"""devpi's data as a whole: export it, import it into a new server directory, switch server
+directories, and take an inventory of the uploaded files to prove nothing was lost.
+
+Shared by `devpi-agent backup` / `restore` and the upgrade step. devpi's own tools do the work
+(devpi-export, devpi-import, devpi-passwd), always as the service user, which owns the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.devpi_api import DevpiApi
+from agent.steps.base import Context, StepFailed
+from agent.steps.devpi_config import CONFIG_FILE
+from agent.steps.supervisor import DEVPI_PROGRAM, supervisorctl, wait_for_devpi
+
+DATAINDEX = "dataindex.json"
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+BACKUP_NAME = re.compile(r"^\d{8}T\d{6}Z$")
+EXPORT_TIMEOUT = 6 * 3600.0
+
+
+def timestamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime(TIMESTAMP_FORMAT)
+
+
+# --- inventories ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class StoredFile:
+    """One uploaded release file: where it lives in devpi and what its bytes hash to."""
+
+    index: str
+    name: str
+    sha256: str
+
+
+def _sha256_of(entry: dict[str, Any]) -> str:
+    hashes = entry.get("hashes") or {}
+    if "sha256" in hashes:
+        return str(hashes["sha256"])
+    spec = str(entry.get("hash_spec") or "")
+    algorithm, _, value = spec.partition("=")
+    return value if algorithm == "sha256" else spec
+
+
+def export_inventory(export_dir: Path) -> set[StoredFile]:
+    """The release files an export holds, from its dataindex.json."""
+    data = json.loads((export_dir / DATAINDEX).read_text(encoding="utf-8"))
+    files: set[StoredFile] = set()
+    for index_name, index in (data.get("indexes") or {}).items():
+        for entry in index.get("files") or []:
+            if entry.get("type") != "releasefile":
+                continue
+            name = Path(entry["relpath"]).name
+            files.add(StoredFile(index_name, name, _sha256_of(entry.get("entrymapping") or {})))
+    return files
+
+
+def stage_indexes(api: DevpiApi) -> list[str]:
+    """Every index that takes uploads (mirrors such as root/pypi hold no uploads)."""
+    payload = api.checked("GET", "/")
+    names = []
+    for user, info in payload["result"].items():
+        for index, config in (info.get("indexes") or {}).items():
+            if config.get("type") != "mirror":
+                names.append(f"{user}/{index}")
+    return sorted(names)
+
+
+def served_inventory(api: DevpiApi, indexes: Iterable[str] | None = None) -> set[StoredFile]:
+    """The release files a running devpi serves from its own indexes (inherited ones left out)."""
+    files: set[StoredFile] = set()
+    for index_name in stage_indexes(api) if indexes is None else indexes:
+        user, index = index_name.split("/")
+        for project in api.projects(user, index):
+            # ignore_bases: this index's own releases, without asking the PyPI mirror.
+            payload = api.checked("GET", f"/{user}/{index}/{project}?ignore_bases")
+            for version in (payload.get("result") or {}).values():
+                for link in version.get("+links") or []:
+                    href = str(link.get("href", ""))
+                    if link.get("rel") == "releasefile" and f"/{index_name}/+f/" in href:
+                        files.add(StoredFile(index_name, href.rsplit("/", 1)[-1], _sha256_of(link)))
+    return files
+
+
+def missing_files(expected: set[StoredFile], served: set[StoredFile]) -> list[StoredFile]:
+    return sorted(expected - served)
+
+
+def describe_missing(missing: list[StoredFile], limit: int = 5) -> str:
+    shown = ", ".join(f"{f.index}/{f.name}" for f in missing[:limit])
+    more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+    return f"{len(missing)} files missing: {shown}{more}"
+
+
+# --- devpi's tools, as the service user -------------------------------------------------------
+
+
+def export_to(ctx: Context, target: Path, venv: Path | None = None) -> None:
+    """devpi-export into `target` (absent or empty); a running server may keep running."""
+    devpi = ctx.config.devpi
+    bin_dir = (venv or devpi.venv) / "bin"
+    ctx.runner.run(
+        [str(bin_dir / "devpi-export"), "--configfile", str(CONFIG_FILE), str(target)],
+        user=devpi.user,
+        cwd=str(devpi.home),
+        timeout=EXPORT_TIMEOUT,
+        progress="devpi-export",
+    )
+    if not ctx.files.exists(target / DATAINDEX):
+        raise StepFailed(f"devpi-export finished but {target / DATAINDEX} is missing")
+
+
+def import_into(ctx: Context, serverdir: Path, source: Path, venv: Path | None = None) -> None:
+    """devpi-import of `source` into a new server directory `serverdir` (must not exist)."""
+    devpi = ctx.config.devpi
+    bin_dir = (venv or devpi.venv) / "bin"
+    ctx.runner.run(
+        [
+            str(bin_dir / "devpi-import"),
+            "--configfile",
+            str(CONFIG_FILE),
+            "--serverdir",
+            str(serverdir),
+            # Events (devpi-web's indexing) run after the start instead: the import itself
+            # takes about a second instead of 14 s, and the server catches up by itself.
+            "--no-events",
+            str(source),
+        ],
+        user=devpi.user,
+        cwd=str(devpi.home),
+        timeout=EXPORT_TIMEOUT,
+        progress="devpi-import",
+    )
+    if not ctx.files.exists(serverdir / ".nodeinfo"):
+        raise StepFailed(f"devpi-import finished but {serverdir}/.nodeinfo is missing")
+
+
+def set_root_password(ctx: Context, serverdir: Path, password: str) -> None:
+    """devpi-passwd on a stopped server's directory: an import brings the exporting server's
+    root password, but this host's is the one in devpi.root_password_file."""
+    devpi = ctx.config.devpi
+    ctx.runner.run(
+        [
+            # devpi-passwd asks through getpass, which prefers the terminal; without a
+            # controlling terminal (setsid) it reads the two answers from stdin.
+            "setsid",
+            "--wait",
+            str(devpi.venv / "bin" / "devpi-passwd"),
+            "--configfile",
+            str(CONFIG_FILE),
+            "--serverdir",
+            str(serverdir),
+            "root",
+        ],
+        input=f"{password}\n{password}\n",
+        user=devpi.user,
+        cwd=str(devpi.home),
+        timeout=300,
+    )
+
+
+def stop_devpi(ctx: Context) -> None:
+    supervisorctl(ctx, "stop", DEVPI_PROGRAM, check=False, timeout=120)
+
+
+def start_devpi(ctx: Context) -> None:
+    supervisorctl(ctx, "start", DEVPI_PROGRAM, check=False, timeout=120)
+    wait_for_devpi(ctx)
+
+
+def move(ctx: Context, source: Path, target: Path) -> None:
+    real_source, real_target = ctx.files.host_path(source), ctx.files.host_path(target)
+    if real_target.exists():
+        raise StepFailed(f"cannot move {source} to {target}: it exists")
+    real_source.rename(real_target)
+    _fsync_dir(real_target.parent)
+
+
+def remove_tree(ctx: Context, path: Path) -> None:
+    real = ctx.files.host_path(path)
+    if real.exists():
+        shutil.rmtree(real)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def readable_by(ctx: Context, user: str, path: Path) -> bool:
+    return ctx.runner.run(["test", "-r", str(path)], user=user, check=False, timeout=30).ok

@@ -1,0 +1,155 @@
+"""The backup schedule: `devpi-agent backup` by a systemd timer, or by cron where no systemd runs.
+
+The job is the agent itself (one implementation of export, atomic rename and retention, the
+same one an operator runs by hand). Under systemd: devpi-agent-backup.service + .timer with
+backup.schedule as OnCalendar. Without: /etc/cron.d/devpi-agent-backup, with cron installed
+and kept running by supervisord (nothing else would start it). backup.enabled = false removes
+the schedule; backups already taken stay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from agent.config import DEFAULT_CONFIG_PATH
+from agent.facts import installed_packages
+from agent.files import render
+from agent.steps.apt import APT_ENV, _services_held, apt_options
+from agent.steps.base import Context, StepFailed
+from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
+
+NAME = "backup"
+UNIT_DIR = Path("/etc/systemd/system")
+SERVICE = UNIT_DIR / "devpi-agent-backup.service"
+TIMER = UNIT_DIR / "devpi-agent-backup.timer"
+CRON_FILE = Path("/etc/cron.d/devpi-agent-backup")
+CRON_LOG = Path("/var/log/devpi-agent/backup.log")
+# Where the README installs the agent; used when the running agent cannot tell its own path.
+INSTALLED_AGENT = Path("/usr/local/sbin/devpi-agent")
+
+_CRON_SHORTHANDS = {
+    "hourly": "0 * * * *",
+    "daily": "0 0 * * *",
+    "weekly": "0 0 * * 1",  # systemd's "weekly" is Monday 00:00
+    "monthly": "0 0 1 * *",
+}
+_TIME_OF_DAY = re.compile(r"^(?:\*-\*-\* )?(?P<hour>\d{1,2}):(?P<minute>\d{2})(?::00)?$")
+
+
+def cron_schedule(schedule: str) -> str | None:
+    """The cron fields for an OnCalendar value, for the ones cron can say; else None."""
+    if schedule in _CRON_SHORTHANDS:
+        return _CRON_SHORTHANDS[schedule]
+    match = _TIME_OF_DAY.fullmatch(schedule)
+    if match and int(match["hour"]) < 24 and int(match["minute"]) < 60:
+        return f"{int(match['minute'])} {int(match['hour'])} * * *"
+    return None
+
+
+def agent_executable() -> Path:
+    """The file this agent runs from: pex names it in $PEX; a plain install is on PATH."""
+    pex = os.environ.get("PEX")
+    if pex:
+        return Path(pex).resolve()
+    found = shutil.which("devpi-agent")
+    if found:
+        return Path(found).resolve()
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "devpi-agent" and argv0.exists():
+        return argv0.resolve()
+    return INSTALLED_AGENT
+
+
+def _variables(ctx: Context) -> dict[str, object]:
+    backup = ctx.config.backup
+    return {
+        "agent": agent_executable(),
+        "config": ctx.config.path or DEFAULT_CONFIG_PATH,
+        "backup_dir": backup.dir,
+        "keep": backup.keep,
+        "schedule": backup.schedule,
+    }
+
+
+def converge(ctx: Context) -> None:
+    if not ctx.config.backup.enabled:
+        _remove_schedule(ctx)
+        return
+    devpi = ctx.config.devpi
+    ctx.mkdir(ctx.config.backup.dir, mode=0o700, owner=devpi.user, group=devpi.user)
+    if ctx.systemd:
+        _systemd_timer(ctx)
+    else:
+        _cron(ctx)
+
+
+def _systemd_timer(ctx: Context) -> None:
+    variables = _variables(ctx)
+    timer = render("devpi-agent-backup.timer.j2", **variables)
+    if ctx.files.read(TIMER) != timer and not ctx.check:
+        check = ctx.runner.run(
+            ["systemd-analyze", "calendar", ctx.config.backup.schedule], check=False, timeout=30
+        )
+        if not check.ok:
+            raise StepFailed(
+                f"backup.schedule {ctx.config.backup.schedule!r} is not a systemd calendar "
+                f"expression (OnCalendar=):\n{check.tail(3)}"
+            )
+    changed = ctx.write(SERVICE, render("devpi-agent-backup.service.j2", **variables), mode=0o644)
+    changed |= ctx.write(TIMER, timer, mode=0o644)
+    if changed and ctx.change("reload systemd units"):
+        ctx.runner.run(["systemctl", "daemon-reload"], timeout=120)
+    name = TIMER.name
+    enabled = ctx.runner.run(["systemctl", "is-enabled", name], check=False).stdout.strip()
+    active = ctx.runner.run(["systemctl", "is-active", name], check=False).stdout.strip()
+    if enabled != "enabled" and ctx.change(f"enable {name}"):
+        ctx.runner.run(["systemctl", "enable", name], timeout=60)
+    if (active != "active" or changed) and ctx.change(
+        f"start {name} (schedule {ctx.config.backup.schedule})"
+    ):
+        # A restart makes a changed OnCalendar take effect now.
+        ctx.runner.run(["systemctl", "restart", name], timeout=60)
+    if ctx.files.exists(CRON_FILE) and ctx.change(f"remove {CRON_FILE} (systemd runs the timer)"):
+        ctx.files.remove(CRON_FILE)
+
+
+def _cron(ctx: Context) -> None:
+    schedule = cron_schedule(ctx.config.backup.schedule)
+    if schedule is None:
+        raise StepFailed(
+            f"backup.schedule {ctx.config.backup.schedule!r} cannot be expressed for cron (no "
+            "systemd here): use hourly, daily, weekly, monthly or HH:MM"
+        )
+    if "cron" not in installed_packages(ctx.runner, ["cron"]) and ctx.change("install cron"):
+        # Held stopped: supervisord runs cron here, a second one started by apt would clash.
+        with _services_held(ctx):
+            ctx.runner.run(
+                ["apt-get", *apt_options(ctx), "install", "-y", "--no-install-recommends", "cron"],
+                env=APT_ENV,
+                timeout=ctx.config.apt.lock_timeout + 900,
+                progress="apt-get install cron",
+            )
+    content = render(
+        "devpi-agent-backup.cron.j2", cron_schedule=schedule, log_file=CRON_LOG, **_variables(ctx)
+    )
+    ctx.write(CRON_FILE, content, mode=0o644)
+    program = render("supervisor-cron.conf.j2", log_file=LOG_DIR / "cron.log")
+    ensure_program(ctx, "cron", program)
+    if not ctx.check and program_state(ctx, "cron") not in ("RUNNING", "STARTING"):
+        ensure_running(ctx, "cron", restart=False)
+
+
+def _remove_schedule(ctx: Context) -> None:
+    if ctx.systemd and ctx.files.exists(TIMER):
+        if ctx.change(f"stop and disable {TIMER.name} (backup.enabled = false)"):
+            ctx.runner.run(["systemctl", "disable", "--now", TIMER.name], check=False, timeout=60)
+        for path in (TIMER, SERVICE):
+            ctx.files.remove(path)
+        if ctx.change("reload systemd units"):
+            ctx.runner.run(["systemctl", "daemon-reload"], timeout=120)
+    if ctx.files.exists(CRON_FILE) and ctx.change(f"remove {CRON_FILE} (backup.enabled = false)"):
+        ctx.files.remove(CRON_FILE)

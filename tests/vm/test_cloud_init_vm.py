@@ -1,0 +1,167 @@
+"""The path most users take, end to end: a fresh Debian 12 cloud VM boots the project's user data
+(rendered by the built agent's `devpi-agent user-data` from units/cloud-init.yaml.j2, the template
+of the committed cloud-init.yaml), downloads the agent from the host, checks its sha256, converges;
+then the real clients work through the forwarded HTTPS port, a reboot brings the server back
+without a second run, and no password is in any log.
+
+One VM per module (qemu TCG: ~5 min to converge); the tests check one thing each.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from clients import (
+    Site,
+    build_wheel,
+    http_get,
+    make_ca_bundle,
+    pip_install,
+    twine_upload,
+    uv_install,
+)
+from conftest import AgentServer, VMFactory, console_on_failure, render_user_data
+from nspawn import free_port
+from qemu import VM
+
+PASSWORD = "canary-Vm-5d1e8b7c30"
+PACKAGE = "devpi-agent-vm-canary"
+CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
+USER_DATA_LIMIT = 16 * 1024
+BOOT_TIMEOUT = 900
+
+
+@dataclass
+class Booted:
+    vm: VM
+    site: Site
+    user_data: str
+    ready_seconds: float
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def booted(
+    make_vm: VMFactory, agent_server: AgentServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Booted]:
+    port = free_port()
+    user_data = render_user_data(
+        agent_server.agent,
+        "--domain",
+        "127.0.0.1",
+        "--tls",
+        "internal",
+        "--https-port",
+        str(port),
+        "--user",
+        f"devops:{PASSWORD}",
+        "--agent-url",
+        agent_server.guest_url,
+        "--agent-file",
+        str(agent_server.agent),
+    )
+    # Same port inside and out: the https links devpi writes work from the host.
+    vm = make_vm(user_data, forwards={port: port})
+    try:
+        ready = vm.wait_cloud_init(BOOT_TIMEOUT)
+    except Exception:
+        print(console_on_failure(vm))
+        raise
+    print(f"boot to cloud-init finished (converged): {ready:.0f}s")
+    workdir = tmp_path_factory.mktemp("vm-clients")
+    ca = workdir / "caddy-root.crt"
+    ca.write_text(vm.read(CADDY_CA) if vm.exec(f"test -e {CADDY_CA}").returncode == 0 else "")
+    bundle = make_ca_bundle(ca, workdir / "ca-bundle.pem")
+    site = Site("127.0.0.1", port, "devops/pypi", "devops", PASSWORD, bundle)
+    yield Booted(vm, site, user_data, ready, workdir)
+
+
+def test_user_data_is_valid_and_small(booted: Booted, tmp_path: Path) -> None:
+    path = tmp_path / "user-data"
+    path.write_text(booted.user_data)
+    result = subprocess.run(
+        ["cloud-init", "schema", "-c", str(path), "--annotate"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(booted.user_data.encode()) < USER_DATA_LIMIT
+
+
+def test_cloud_init_done_without_errors(booted: Booted) -> None:
+    status = booted.vm.exec("cloud-init status --long")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "status: done" in status.stdout
+    result = json.loads(booted.vm.read("/run/cloud-init/result.json"))
+    assert result["v1"]["errors"] == []
+    print(f"boot-to-ready: {booted.ready_seconds:.0f}s")
+
+
+def test_agent_converged_once(booted: Booted, agent_server: AgentServer) -> None:
+    bootstrap = booted.vm.read("/var/log/devpi-agent/bootstrap.log")
+    assert "verified; running /usr/local/sbin/devpi-agent apply" in bootstrap
+    assert "recap: ok=" in bootstrap
+    assert bootstrap.count("devpi-agent-bootstrap: exit 0") == 1
+    assert agent_server.downloads() == 1
+
+
+def test_config_is_root_only(booted: Booted) -> None:
+    assert booted.vm.output("stat -c '%a %U %G' /etc/devpi-agent/config.toml").split() == [
+        "600",
+        "root",
+        "root",
+    ]
+    assert booted.vm.output("stat -c '%a' /etc/devpi-agent").strip() == "700"
+
+
+def test_wrong_password_is_refused(booted: Booted) -> None:
+    assert http_get(booted.site, "/+api", auth=None)[0] == 401
+    assert http_get(booted.site, "/+api", auth=("devops", "not-the-password"))[0] == 401
+    assert http_get(booted.site, "/+api", auth=("devops", PASSWORD))[0] == 200
+
+
+def test_twine_pip_uv(booted: Booted, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    wheel = build_wheel(tmp_path, PACKAGE, "1.0.0")
+    upload = twine_upload(booted.site, wheel, home)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    pip = pip_install(booted.site, home, tmp_path / "pip-target", PACKAGE)
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert (tmp_path / "pip-target" / PACKAGE.replace("-", "_") / "__init__.py").exists()
+    uv = uv_install(booted.site, home, tmp_path / "uv-target", PACKAGE)
+    assert uv.returncode == 0, uv.stdout + uv.stderr
+    assert (tmp_path / "uv-target" / PACKAGE.replace("-", "_") / "__init__.py").exists()
+
+
+def test_no_password_in_any_log(booted: Booted) -> None:
+    vm = booted.vm
+    assert vm.exec("test -s /var/log/devpi-agent/agent.log").returncode == 0
+    logs = vm.output("find /var/log -type f ! -path '/var/log/journal/*' -exec cat {} +")
+    assert "cloud-init" in logs and "recap" in logs
+    journal = vm.output("journalctl -b --no-pager -o cat", timeout=300)
+    for text in (logs, journal):
+        assert PASSWORD not in text
+
+
+def test_reboot_serves_again_without_a_second_run(
+    booted: Booted, agent_server: AgentServer
+) -> None:
+    vm = booted.vm
+    seconds = vm.reboot()
+    print(f"reboot to cloud-init finished: {seconds:.0f}s")
+    deadline = time.monotonic() + 180
+    while http_get(booted.site, "/+api", auth=("devops", PASSWORD))[0] != 200:
+        assert time.monotonic() < deadline, "the server did not answer after the reboot"
+        time.sleep(2)
+    status = vm.exec("cloud-init status --long")
+    assert "status: done" in status.stdout, status.stdout
+    agent_log = vm.read("/var/log/devpi-agent/agent.log")
+    applies = [line for line in agent_log.splitlines() if json.loads(line).get("event") == "apply"]
+    assert len(applies) == 1
+    assert vm.read("/var/log/devpi-agent/bootstrap.log").count("devpi-agent-bootstrap: exit") == 1
+    assert agent_server.downloads() == 1
