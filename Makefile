@@ -19,7 +19,7 @@ AGENT_URL := https://github.com/$(RELEASE_REPO)/releases/latest/download/devpi-a
 CLOUD_INIT_YAML ?= cloud-init.yaml
 
 .PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
-        release vagrant-user-data vm
+        release vagrant-user-data vm reliability
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -87,6 +87,11 @@ demo: venv dist
 ## demo-stop: stop and delete the demo container
 demo-stop: venv
 	$(PY) tools/demo.py down
+
+## reliability: crashes, bad input, secrets, locks, reboot, load; then docs/reliability.md (root)
+reliability: venv dist
+	$(VENV)/bin/pytest tests/unit/test_bad_input.py tests/integration/test_reliability.py -v -rA
+	$(PY) tools/reliability_table.py
 
 ## bench: performance figures (issue #6) into bench/results/ (root; ~6 min)
 bench: venv dist

@@ -104,8 +104,8 @@ def _systemd_timer(ctx: Context) -> None:
     if changed and ctx.change("reload systemd units"):
         ctx.runner.run(["systemctl", "daemon-reload"], timeout=120)
     name = TIMER.name
-    enabled = ctx.runner.run(["systemctl", "is-enabled", name], check=False).stdout.strip()
-    active = ctx.runner.run(["systemctl", "is-active", name], check=False).stdout.strip()
+    state = unit_state(ctx, name)
+    enabled, active = state.get("UnitFileState", ""), state.get("ActiveState", "")
     if enabled != "enabled" and ctx.change(f"enable {name}"):
         ctx.runner.run(["systemctl", "enable", name], timeout=60)
     if (active != "active" or changed) and ctx.change(
@@ -115,6 +115,14 @@ def _systemd_timer(ctx: Context) -> None:
         ctx.runner.run(["systemctl", "restart", name], timeout=60)
     if ctx.files.exists(CRON_FILE) and ctx.change(f"remove {CRON_FILE} (systemd runs the timer)"):
         ctx.files.remove(CRON_FILE)
+
+
+def unit_state(ctx: Context, unit: str) -> dict[str, str]:
+    """UnitFileState (enabled...) and ActiveState (active...) in one systemctl call."""
+    shown = ctx.runner.run(
+        ["systemctl", "show", unit, "--property=UnitFileState,ActiveState"], check=False
+    ).stdout
+    return dict(line.partition("=")[::2] for line in shown.splitlines() if "=" in line)
 
 
 def _cron(ctx: Context) -> None:

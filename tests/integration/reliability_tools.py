@@ -106,6 +106,7 @@ _ETC_SCRIPT = r"""
 import hashlib, json, os, re, stat, sys, pwd, grp
 ports = json.loads(sys.argv[1])
 skip = set(json.loads(sys.argv[2]))
+meta_only = set(json.loads(sys.argv[3]))
 bcrypt_hash = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 out = {}
 for top in ("/etc",):
@@ -120,7 +121,7 @@ for top in ("/etc",):
             meta = f"{stat.filemode(st.st_mode)} {owner}"
             if stat.S_ISLNK(st.st_mode):
                 meta += " -> " + os.readlink(path)
-            elif stat.S_ISREG(st.st_mode):
+            elif stat.S_ISREG(st.st_mode) and path not in meta_only:
                 data = open(path, "rb").read()
                 data = bcrypt_hash.sub(b"<bcrypt>", data)
                 for label, port in sorted(ports.items(), key=lambda kv: -len(str(kv[1]))):
@@ -132,6 +133,8 @@ print(json.dumps(out))
 
 # Files that differ between any two hosts whatever the agent does.
 ETC_SKIP = ("/etc/hostname", "/etc/machine-id", "/etc/resolv.conf", "/etc/.pwd.lock")
+# Files whose content is random per host: only their type, mode and owner are compared.
+ETC_META_ONLY = ("/etc/devpi-agent/root.pass",)
 
 
 def fingerprint(
@@ -144,7 +147,16 @@ def fingerprint(
     port_map = dict(ports)
     prints: dict[str, Any] = {}
     prints["etc"] = json.loads(
-        host.output(["python3", "-c", _ETC_SCRIPT, json.dumps(port_map), json.dumps(ETC_SKIP)])
+        host.output(
+            [
+                "python3",
+                "-c",
+                _ETC_SCRIPT,
+                json.dumps(port_map),
+                json.dumps(ETC_SKIP),
+                json.dumps(ETC_META_ONLY),
+            ]
+        )
     )
     caddyfile = host.path("/etc/caddy/Caddyfile").read_text()
     hashes = {

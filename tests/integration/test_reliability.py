@@ -1,11 +1,12 @@
 """Reliability and security proof, with figures: crashes anywhere, bad input, secrets, locks,
 reboots, load and brute force, on real hosts (systemd-nspawn, Debian 12, real systemd).
 
-Two hosts for the whole module:
+Two hosts for the whole module, the first converging in the background while the tests drive
+the second:
 
 - the reference host converges without interruption (with two more applies racing the first),
-  then goes through a failed run, a crashing run and a password rotation; it serves the
-  secrets, reboot, load and brute-force tests, and is what the crashed host must end up like.
+  then goes through a failed run, a crashing run and a password rotation; it is what the crash
+  host must end up like, and then serves the secrets, reboot, load and brute-force tests.
 - the crash host starts fresh: invalid configs must leave it untouched, a held dpkg lock must
   fail the run cleanly, then the agent is SIGKILLed at every point of a first apply and of a
   rotation (DEVPI_AGENT_CRASH_AT, see agent/crashpoint.py), one point per run, each re-run
@@ -19,13 +20,14 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 from agenthost import (
@@ -33,6 +35,7 @@ from agenthost import (
     CADDY_CA,
     CONFIG,
     DIST,
+    REPO,
     USER_PASSWORD,
     ApplyRun,
     ArgvWatcher,
@@ -52,6 +55,11 @@ from reliability_tools import (
     scan_for,
 )
 
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from agent.steps import STEPS  # the working tree, which dist/ is built from
+
+T = TypeVar("T")
 ROTATED_PASSWORD = "canary-Rot-4d8e2b6a9c"
 WRONG_ROOT_PASSWORD = "canary-WrongRoot-5e1f0a"
 ROOT_PASS = "/etc/devpi-agent/root.pass"
@@ -140,58 +148,367 @@ def _lock_holder(host: NspawnHost, timeout: float = 120) -> str:
     raise AssertionError("the first apply never took the run lock")
 
 
-@pytest.fixture(scope="module")
-def reference(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
-    assert DIST.exists(), f"{DIST} is missing: run `make dist` first"
+def _converge_reference(host: NspawnHost, first: Ports, workdir: Path) -> Reference:
+    """A full apply with two more racing it, a failed and a crashing run, then a rotation."""
     started = time.monotonic()
+    runs: dict[str, ApplyRun] = {}
+    with ArgvWatcher() as watcher:
+        with ThreadPoolExecutor(3) as pool:
+            converging = pool.submit(run_agent, host)
+            _lock_holder(host)
+            locked_at = time.monotonic()
+            impatient = pool.submit(run_agent, host, "--lock-timeout", "2")
+            patient = pool.submit(run_agent, host)
+            runs["apply"] = converging.result()
+            runs["apply --lock-timeout 2, while the first runs"] = impatient.result()
+            runs["apply, while the first runs"] = patient.result()
+        lock_seconds = time.monotonic() - locked_at
+        root_password = host.path(ROOT_PASS).read_text().strip()
+        rotated = Ports(first.https, free_port(), first.admin)
+        host.write(CONFIG, config_for(rotated, ROTATED_PASSWORD), mode=0o600)
+        # A failed run mid-rotation: devpi refuses the root password the agent has.
+        host.write(ROOT_PASS, WRONG_ROOT_PASSWORD + "\n", mode=0o600)
+        runs["rotation, wrong root password"] = run_agent(host)
+        host.write(ROOT_PASS, root_password + "\n", mode=0o600)
+        # A step that crashes with a traceback, right after devpi took the new password.
+        crash = {CRASH_AT: "devpi-users:changed", "DEVPI_AGENT_CRASH_MODE": "raise"}
+        runs["rotation, a step crashes"] = run_agent(host, env=crash)
+        runs["rotation"] = run_agent(host)
+    prints = fingerprint(
+        host, port_names(rotated), {"devops": ROTATED_PASSWORD, "root": root_password}
+    )
+    site = site_for(host, rotated, ROTATED_PASSWORD, workdir)
+    return Reference(
+        host,
+        rotated,
+        runs,
+        watcher.seen,
+        root_password,
+        prints,
+        site,
+        workdir,
+        lock_seconds,
+        time.monotonic() - started,
+    )
+
+
+class InBackground(Generic[T]):
+    """Work on one host while the tests drive another (each host mostly waits on the network
+    and its own services, so the two overlap well even on two cores)."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self._work = work
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._work()
+        except BaseException as error:
+            self._error = error
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> T:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+@pytest.fixture(scope="module")
+def reference_in_background(
+    rootfs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InBackground[Reference]]:
+    """The reference host, converging in the background from the start of the module."""
+    assert DIST.exists(), f"{DIST} is missing: run `make dist` first"
     first = Ports.free()
     workdir = tmp_path_factory.mktemp("reference")
     host = new_host(rootfs, first)
+    pending: InBackground[Reference] | None = None
     try:
-        runs: dict[str, ApplyRun] = {}
-        with ArgvWatcher() as watcher:
-            with ThreadPoolExecutor(3) as pool:
-                converging = pool.submit(run_agent, host)
-                _lock_holder(host)
-                locked_at = time.monotonic()
-                impatient = pool.submit(run_agent, host, "--lock-timeout", "2")
-                patient = pool.submit(run_agent, host)
-                runs["apply"] = converging.result()
-                runs["apply --lock-timeout 2, while the first runs"] = impatient.result()
-                runs["apply, while the first runs"] = patient.result()
-            lock_seconds = time.monotonic() - locked_at
-            root_password = host.path(ROOT_PASS).read_text().strip()
-            rotated = Ports(first.https, free_port(), first.admin)
-            host.write(CONFIG, config_for(rotated, ROTATED_PASSWORD), mode=0o600)
-            # A failed run mid-rotation: devpi refuses the root password the agent has.
-            host.write(ROOT_PASS, WRONG_ROOT_PASSWORD + "\n", mode=0o600)
-            runs["rotation, wrong root password"] = run_agent(host)
-            host.write(ROOT_PASS, root_password + "\n", mode=0o600)
-            # A step that crashes with a traceback, right after devpi took the new password.
-            crash = {CRASH_AT: "devpi-users:changed", "DEVPI_AGENT_CRASH_MODE": "raise"}
-            runs["rotation, a step crashes"] = run_agent(host, env=crash)
-            runs["rotation"] = run_agent(host)
-        prints = fingerprint(
-            host, port_names(rotated), {"devops": ROTATED_PASSWORD, "root": root_password}
-        )
-        site = site_for(host, rotated, ROTATED_PASSWORD, workdir)
-        yield Reference(
-            host,
-            rotated,
-            runs,
-            watcher.seen,
-            root_password,
-            prints,
-            site,
-            workdir,
-            lock_seconds,
-            time.monotonic() - started,
-        )
+        pending = InBackground(lambda: _converge_reference(host, first, workdir))
+        yield pending
+    finally:
+        if pending is not None:
+            pending.join()
+            if pending._error is not None:
+                print(host.debug_report())
+        host.stop()
+
+
+@pytest.fixture
+def reference(reference_in_background: InBackground[Reference]) -> Reference:
+    return reference_in_background.result()
+
+
+# --- the crash host ---------------------------------------------------------------------------
+
+
+@dataclass
+class CrashHost:
+    host: NspawnHost
+    ports: Ports
+    workdir: Path
+    applied: bool = False
+
+
+@pytest.fixture(scope="module")
+def crash_host(
+    rootfs: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    reference_in_background: InBackground[Reference],
+) -> Iterator[CrashHost]:
+    """A fresh host, booted once the reference host is on its way."""
+    ports = Ports.free()
+    host = new_host(rootfs, ports)
+    try:
+        yield CrashHost(host, ports, tmp_path_factory.mktemp("crash"))
     except BaseException:
         print(host.debug_report())
         raise
     finally:
         host.stop()
+
+
+def _bad_config(ports: Ports, what: str) -> tuple[bytes, str]:
+    text = config_for(ports)
+    if what == "unknown key":
+        return text.replace("[devpi]", "[devpi]\nprot = 1").encode(), "devpi.prot"
+    if what == "wrong type":
+        return text.replace(
+            f"https_port = {ports.https}", f'https_port = "{ports.https}"'
+        ).encode(), ("server.https_port")
+    if what == "duplicate user":
+        extra = '[[users]]\nname = "devops"\npassword = "another-password"\n\n[[indexes]]'
+        return text.replace("[[indexes]]", extra).encode(), "users[1].name"
+    if what == "cyclic bases":
+        return text.replace('bases = ["root/pypi"]', 'bases = ["devops/pypi"]').encode(), (
+            "indexes[0].bases"
+        )
+    if what == "password over 72 bytes":
+        return text.replace(USER_PASSWORD, "x" * 73).encode(), "users[0].password"
+    if what == "unreadable password file":
+        return text.replace(f'password = "{USER_PASSWORD}"', 'password_file = "/root"').encode(), (
+            "users[0].password_file"
+        )
+    if what == "not UTF-8":
+        return text.replace(USER_PASSWORD, "caf\xe9-password").encode("latin-1"), "/root/bad-"
+    raise AssertionError(what)
+
+
+# Every file under /etc, /var and /opt with its mtime, every package and every unit's state.
+# Not compared: the journal, and the agent's own code cache (pex touches .last-access there).
+_SNAPSHOT = (
+    "find /etc /var /opt -xdev -not -path '/var/log/journal/*' "
+    "-not -path '/var/cache/devpi-agent/*' "
+    "-printf '%p %y %m %u:%g %s %T@\\n' 2>/dev/null | sort; "
+    "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n'; "
+    "systemctl list-units --all --no-legend --plain | sort"
+)
+
+
+def test_invalid_configs_leave_a_fresh_host_untouched(crash_host: CrashHost) -> None:
+    host = crash_host.host
+    assert not crash_host.applied, "this test needs the crash host before any apply"
+    # the agent's first start unpacks its code into /var/cache/devpi-agent: do that first
+    assert host.output([AGENT, "version"]).startswith("devpi-agent ")
+    before = host.output(["sh", "-c", _SNAPSHOT])
+    whats = [
+        "unknown key",
+        "wrong type",
+        "duplicate user",
+        "cyclic bases",
+        "password over 72 bytes",
+        "unreadable password file",
+        "not UTF-8",
+    ]
+    for n, what in enumerate(whats):
+        data, key = _bad_config(crash_host.ports, what)
+        path = f"/root/bad-{n}.toml"
+        host.write(path, data, mode=0o600)
+        run = run_agent(host, config=path)
+        assert run.returncode == 2, (what, tail(run))
+        assert run.stdout == ""
+        assert f"invalid config: {key}" in run.stderr, (what, run.stderr)
+    after = host.output(["sh", "-c", _SNAPSHOT])
+    changed = sorted(set(before.splitlines()) ^ set(after.splitlines()))
+    assert changed == [], "\n".join(changed)
+    assert "caddy" not in host.output(["dpkg-query", "-W", "-f=${Package}\n"])
+    record("bad_input_host", {"configs": len(whats), "exit_2": len(whats), "host_changes": 0})
+
+
+def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
+    host = crash_host.host
+    crash_host.applied = True
+    host.write("/root/hold-dpkg-lock.py", HOLD_DPKG_LOCK)
+    host.run(["sh", "-c", "python3 /root/hold-dpkg-lock.py 300 >/dev/null 2>&1 &"])
+    deadline = time.monotonic() + 30
+    holder = ""
+    while not holder and time.monotonic() < deadline:
+        holder = host.run(["cat", "/run/dpkg-lock-holder.pid"], check=False).stdout.decode()
+        time.sleep(0.1)
+    assert holder.isdigit(), "the lock holder did not start"
+    timeout = 5
+    locked = config_for(crash_host.ports) + f"\n[apt]\nlock_timeout = {timeout}\n"
+    host.write("/root/locked.toml", locked, mode=0o600)
+    try:
+        run = run_agent(host, config="/root/locked.toml")
+    finally:
+        host.run(["kill", holder], check=False)
+    assert run.returncode == 1, tail(run)
+    message = f"/var/lib/dpkg/lock-frontend is held by process {holder} (python3)"
+    assert message in run.stderr, run.stderr
+    assert f"apt.lock_timeout = {timeout} s" in run.stderr
+    apt_seconds = next(s["seconds"] for s in run.report["steps"] if s["name"] == "apt")
+    assert apt_seconds >= timeout
+    assert not host.path("/usr/sbin/policy-rc.d").exists()
+    assert host.output(["dpkg", "--audit"]) == ""
+    record(
+        "dpkg_lock",
+        {"lock_timeout": timeout, "apt_step_seconds": apt_seconds, "exit": run.returncode},
+    )
+
+
+_AFTER_KILL = r"""
+import glob, json, os, subprocess
+me = os.getpid()
+orphans = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+    except OSError:
+        continue
+    if int(pid) == me or not argv[0]:
+        continue
+    names = {os.path.basename(argv[0])}
+    if names & {"python", "python3"} or os.path.basename(argv[0]).startswith("python3."):
+        rest = argv[1:]
+        if "-m" in rest:
+            names.add(rest[rest.index("-m") + 1])
+        names.update(os.path.basename(a) for a in rest[:3] if a and not a.startswith("-"))
+    if names & PROGRAMS or (names == {"caddy"} and argv[1:2] in (["validate"], ["reload"])):
+        orphans.append(" ".join(argv)[:120])
+audit = subprocess.run(["dpkg", "--audit"], capture_output=True, text=True).stdout
+print(json.dumps({
+    "pending": sorted(os.listdir("/var/lib/devpi-agent/pending"))
+    if os.path.isdir("/var/lib/devpi-agent/pending") else [],
+    "dpkg_audit_lines": sum(1 for line in audit.splitlines() if line.startswith(" ")),
+    "venv_dists": len(glob.glob("/opt/devpi-agent/venv/lib/python3*/site-packages/*.dist-info")),
+    "orphans": orphans,
+}))
+"""
+# Whatever the agent runs (the agent itself is "pex"); none of it may outlive a killed agent.
+AGENT_PROGRAMS = {
+    "pex",
+    "apt-get",
+    "apt",
+    "dpkg",
+    "dpkg-query",
+    "pip",
+    "venv",
+    "ensurepip",
+    "devpi-init",
+    "devpi-gen-secret",
+    "runuser",
+    "supervisorctl",
+    "systemctl",
+    "useradd",
+}
+
+
+def _after_kill(host: NspawnHost) -> dict[str, Any]:
+    """What a kill left behind: pending work, dpkg's state, the venv, and no orphan."""
+    script = _AFTER_KILL.replace("PROGRAMS", repr(AGENT_PROGRAMS))
+    state: dict[str, Any] = json.loads(host.output(["python3", "-c", script]))
+    return state
+
+
+def _crash_at_every_point(host: NspawnHost, points: list[str]) -> list[dict[str, Any]]:
+    survived = []
+    for point in points:
+        run = run_agent(host, env={CRASH_AT: point})
+        assert run.returncode == KILLED, f"crash point {point} was not reached: {tail(run)}"
+        state = _after_kill(host)
+        assert state["orphans"] == [], f"{point}: processes outlived the agent: {state}"
+        survived.append({"point": point, "seconds": round(run.seconds, 1), **state})
+        print(f"killed at {point} after {run.seconds:.1f} s: {state}")
+    return survived
+
+
+def test_crash_anywhere_then_a_rerun_converges(
+    crash_host: CrashHost, reference_in_background: InBackground[Reference]
+) -> None:
+    host, work = crash_host.host, crash_host.workdir
+    crash_host.applied = True
+    started = time.monotonic()
+    # Package lists older than a day: this first apply refreshes them, as on a new server.
+    host.run(["sh", "-c", "find /var/lib/apt/lists -type f -exec touch -d '3 days ago' {} +"])
+    first_points = ["apt:before"]
+    for step in (s.name for s in STEPS):
+        first_points += [*INSIDE_FIRST_APPLY.get(step, []), f"{step}:after"]
+    first = _crash_at_every_point(host, first_points)
+    converged = run_agent(host)
+    assert converged.returncode == 0, tail(converged)
+    again = run_agent(host)
+    assert again.returncode == 0 and again.report["changed"] == 0, tail(again)
+
+    site = site_for(host, crash_host.ports, USER_PASSWORD, work)
+    home = work / "home"
+    home.mkdir()
+    upload = twine_upload(site, build_wheel(work, "crash-canary", "1.0.0"), home)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+
+    # The same rotation as on the reference host (new password, new devpi port), killed at
+    # every config written and every service told.
+    rotated = Ports(crash_host.ports.https, free_port(), crash_host.ports.admin)
+    host.write(CONFIG, config_for(rotated, ROTATED_PASSWORD), mode=0o600)
+    second = _crash_at_every_point(host, INSIDE_ROTATION)
+    converged = run_agent(host)
+    assert converged.returncode == 0, tail(converged)
+    again = run_agent(host)
+    assert again.returncode == 0 and again.report["changed"] == 0, tail(again)
+
+    root_password = host.path(ROOT_PASS).read_text().strip()
+    reference = reference_in_background.result()
+    prints = fingerprint(
+        host, port_names(rotated), {"devops": ROTATED_PASSWORD, "root": root_password}
+    )
+    differences = diff_fingerprints(reference.prints, prints)
+
+    rotated_site = Site(
+        site.host, site.port, site.index, site.user, ROTATED_PASSWORD, site.ca_bundle
+    )
+    upload = twine_upload(rotated_site, build_wheel(work, "crash-canary", "2.0.0"), home)
+    pip = pip_install(
+        rotated_site, home, work / "target", "crash-canary==1.0.0", "six"
+    )  # held before the crashes: still there
+    old_password = http_get(site, "/+api", auth=("devops", USER_PASSWORD))[0]
+    points = len(first) + len(second)
+    record(
+        "crash",
+        {
+            "points": points,
+            "survived": points,
+            "first_apply_points": [p["point"] for p in first],
+            "rotation_points": [p["point"] for p in second],
+            "fingerprint_differences": len(differences),
+            "seconds": round(time.monotonic() - started, 1),
+            "kills": first + second,
+        },
+    )
+    assert differences == [], "\n".join(differences)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert old_password == 401
+    assert points >= 15
+
+
+# --- the reference host: concurrency, secrets, reboot, load ----------------------------------
 
 
 def test_reference_runs(reference: Reference) -> None:
@@ -480,251 +797,3 @@ def test_brute_force_burst(reference: Reference) -> None:
     assert failures == []
     assert counts["other"] == 0
     assert pip.returncode == 0, pip.stdout + pip.stderr
-
-
-# --- the crash host ---------------------------------------------------------------------------
-
-
-@dataclass
-class CrashHost:
-    host: NspawnHost
-    ports: Ports
-    workdir: Path
-    applied: bool = False
-
-
-@pytest.fixture(scope="module")
-def crash_host(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashHost]:
-    assert DIST.exists(), f"{DIST} is missing: run `make dist` first"
-    ports = Ports.free()
-    host = new_host(rootfs, ports)
-    try:
-        yield CrashHost(host, ports, tmp_path_factory.mktemp("crash"))
-    except BaseException:
-        print(host.debug_report())
-        raise
-    finally:
-        host.stop()
-
-
-def _bad_config(ports: Ports, what: str) -> tuple[bytes, str]:
-    text = config_for(ports)
-    if what == "unknown key":
-        return text.replace("[devpi]", "[devpi]\nprot = 1").encode(), "devpi.prot"
-    if what == "wrong type":
-        return text.replace(
-            f"https_port = {ports.https}", f'https_port = "{ports.https}"'
-        ).encode(), ("server.https_port")
-    if what == "duplicate user":
-        extra = '[[users]]\nname = "devops"\npassword = "another-password"\n\n[[indexes]]'
-        return text.replace("[[indexes]]", extra).encode(), "users[1].name"
-    if what == "cyclic bases":
-        return text.replace('bases = ["root/pypi"]', 'bases = ["devops/pypi"]').encode(), (
-            "indexes[0].bases"
-        )
-    if what == "password over 72 bytes":
-        return text.replace(USER_PASSWORD, "x" * 73).encode(), "users[0].password"
-    if what == "unreadable password file":
-        return text.replace(f'password = "{USER_PASSWORD}"', 'password_file = "/root"').encode(), (
-            "users[0].password_file"
-        )
-    if what == "not UTF-8":
-        return text.replace(USER_PASSWORD, "caf\xe9-password").encode("latin-1"), "/root/bad-"
-    raise AssertionError(what)
-
-
-# Every file under /etc, /var and /opt with its mtime, every package and every unit's state.
-# Not compared: the journal, and the agent's own code cache (pex touches .last-access there).
-_SNAPSHOT = (
-    "find /etc /var /opt -xdev -not -path '/var/log/journal/*' "
-    "-not -path '/var/cache/devpi-agent/*' "
-    "-printf '%p %y %m %u:%g %s %T@\\n' 2>/dev/null | sort; "
-    "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n'; "
-    "systemctl list-units --all --no-legend --plain | sort"
-)
-
-
-def test_invalid_configs_leave_a_fresh_host_untouched(crash_host: CrashHost) -> None:
-    host = crash_host.host
-    assert not crash_host.applied, "this test needs the crash host before any apply"
-    # the agent's first start unpacks its code into /var/cache/devpi-agent: do that first
-    assert host.output([AGENT, "version"]).startswith("devpi-agent ")
-    before = host.output(["sh", "-c", _SNAPSHOT])
-    whats = [
-        "unknown key",
-        "wrong type",
-        "duplicate user",
-        "cyclic bases",
-        "password over 72 bytes",
-        "unreadable password file",
-        "not UTF-8",
-    ]
-    for n, what in enumerate(whats):
-        data, key = _bad_config(crash_host.ports, what)
-        path = f"/root/bad-{n}.toml"
-        host.write(path, data, mode=0o600)
-        run = run_agent(host, config=path)
-        assert run.returncode == 2, (what, tail(run))
-        assert run.stdout == ""
-        assert f"invalid config: {key}" in run.stderr, (what, run.stderr)
-    after = host.output(["sh", "-c", _SNAPSHOT])
-    changed = sorted(set(before.splitlines()) ^ set(after.splitlines()))
-    assert changed == [], "\n".join(changed)
-    assert "caddy" not in host.output(["dpkg-query", "-W", "-f=${Package}\n"])
-    record("bad_input_host", {"configs": len(whats), "exit_2": len(whats), "host_changes": 0})
-
-
-def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
-    host = crash_host.host
-    crash_host.applied = True
-    host.write("/root/hold-dpkg-lock.py", HOLD_DPKG_LOCK)
-    host.run(["sh", "-c", "python3 /root/hold-dpkg-lock.py 300 >/dev/null 2>&1 &"])
-    deadline = time.monotonic() + 30
-    holder = ""
-    while not holder and time.monotonic() < deadline:
-        holder = host.run(["cat", "/run/dpkg-lock-holder.pid"], check=False).stdout.decode()
-        time.sleep(0.1)
-    assert holder.isdigit(), "the lock holder did not start"
-    timeout = 5
-    locked = config_for(crash_host.ports) + f"\n[apt]\nlock_timeout = {timeout}\n"
-    host.write("/root/locked.toml", locked, mode=0o600)
-    try:
-        run = run_agent(host, config="/root/locked.toml")
-    finally:
-        host.run(["kill", holder], check=False)
-    assert run.returncode == 1, tail(run)
-    message = f"/var/lib/dpkg/lock-frontend is held by process {holder} (python3)"
-    assert message in run.stderr, run.stderr
-    assert f"apt.lock_timeout = {timeout} s" in run.stderr
-    apt_seconds = next(s["seconds"] for s in run.report["steps"] if s["name"] == "apt")
-    assert apt_seconds >= timeout
-    assert not host.path("/usr/sbin/policy-rc.d").exists()
-    assert host.output(["dpkg", "--audit"]) == ""
-    record(
-        "dpkg_lock",
-        {"lock_timeout": timeout, "apt_step_seconds": apt_seconds, "exit": run.returncode},
-    )
-
-
-_AFTER_KILL = r"""
-import glob, json, os, subprocess
-me = os.getpid()
-orphans = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-    except OSError:
-        continue
-    if int(pid) != me and any(token in argv for token in TOKENS):
-        orphans.append(argv[:120])
-audit = subprocess.run(["dpkg", "--audit"], capture_output=True, text=True).stdout
-print(json.dumps({
-    "pending": sorted(os.listdir("/var/lib/devpi-agent/pending"))
-    if os.path.isdir("/var/lib/devpi-agent/pending") else [],
-    "dpkg_audit_lines": sum(1 for line in audit.splitlines() if line.startswith(" ")),
-    "venv_dists": len(glob.glob("/opt/devpi-agent/venv/lib/python3*/site-packages/*.dist-info")),
-    "orphans": orphans,
-}))
-"""
-# Whatever the agent runs; none of it may outlive a killed agent.
-AGENT_CHILDREN = (
-    "apt-get",
-    "dpkg",
-    " -m pip",
-    " -m venv",
-    "ensurepip",
-    "devpi-init",
-    "devpi-gen-secret",
-    "runuser",
-    "supervisorctl",
-    "systemctl",
-    "useradd",
-    "caddy validate",
-    "caddy reload",
-    "devpi-agent",
-)
-
-
-def _after_kill(host: NspawnHost) -> dict[str, Any]:
-    """What a kill left behind: pending work, dpkg's state, the venv, and no orphan."""
-    script = _AFTER_KILL.replace("TOKENS", repr(AGENT_CHILDREN))
-    state: dict[str, Any] = json.loads(host.output(["python3", "-c", script]))
-    return state
-
-
-def _crash_at_every_point(host: NspawnHost, points: list[str]) -> list[dict[str, Any]]:
-    survived = []
-    for point in points:
-        run = run_agent(host, env={CRASH_AT: point})
-        assert run.returncode == KILLED, f"crash point {point} was not reached: {tail(run)}"
-        state = _after_kill(host)
-        assert state["orphans"] == [], f"{point}: processes outlived the agent: {state}"
-        survived.append({"point": point, "seconds": round(run.seconds, 1), **state})
-        print(f"killed at {point} after {run.seconds:.1f} s: {state}")
-    return survived
-
-
-def test_crash_anywhere_then_a_rerun_converges(crash_host: CrashHost, reference: Reference) -> None:
-    host, work = crash_host.host, crash_host.workdir
-    crash_host.applied = True
-    started = time.monotonic()
-    # Package lists older than a day: this first apply refreshes them, as on a new server.
-    host.run(["sh", "-c", "find /var/lib/apt/lists -type f -exec touch -d '3 days ago' {} +"])
-    steps = [s["name"] for s in reference.runs["apply"].report["steps"]]  # type: ignore[union-attr]
-    first_points = ["apt:before"]
-    for step in steps:
-        first_points += [*INSIDE_FIRST_APPLY.get(step, []), f"{step}:after"]
-    first = _crash_at_every_point(host, first_points)
-    converged = run_agent(host)
-    assert converged.returncode == 0, tail(converged)
-    again = run_agent(host)
-    assert again.returncode == 0 and again.report["changed"] == 0, tail(again)
-
-    site = site_for(host, crash_host.ports, USER_PASSWORD, work)
-    home = work / "home"
-    home.mkdir()
-    upload = twine_upload(site, build_wheel(work, "crash-canary", "1.0.0"), home)
-    assert upload.returncode == 0, upload.stdout + upload.stderr
-
-    # The same rotation as on the reference host (new password, new devpi port), killed at
-    # every config written and every service told.
-    rotated = Ports(crash_host.ports.https, free_port(), crash_host.ports.admin)
-    host.write(CONFIG, config_for(rotated, ROTATED_PASSWORD), mode=0o600)
-    second = _crash_at_every_point(host, INSIDE_ROTATION)
-    converged = run_agent(host)
-    assert converged.returncode == 0, tail(converged)
-    again = run_agent(host)
-    assert again.returncode == 0 and again.report["changed"] == 0, tail(again)
-
-    root_password = host.path(ROOT_PASS).read_text().strip()
-    prints = fingerprint(
-        host, port_names(rotated), {"devops": ROTATED_PASSWORD, "root": root_password}
-    )
-    differences = diff_fingerprints(reference.prints, prints)
-
-    rotated_site = Site(
-        site.host, site.port, site.index, site.user, ROTATED_PASSWORD, site.ca_bundle
-    )
-    upload = twine_upload(rotated_site, build_wheel(work, "crash-canary", "2.0.0"), home)
-    pip = pip_install(
-        rotated_site, home, work / "target", "crash-canary==1.0.0", "six"
-    )  # held before the crashes: still there
-    old_password = http_get(site, "/+api", auth=("devops", USER_PASSWORD))[0]
-    points = len(first) + len(second)
-    record(
-        "crash",
-        {
-            "points": points,
-            "survived": points,
-            "first_apply_points": [p["point"] for p in first],
-            "rotation_points": [p["point"] for p in second],
-            "fingerprint_differences": len(differences),
-            "seconds": round(time.monotonic() - started, 1),
-            "kills": first + second,
-        },
-    )
-    assert differences == [], "\n".join(differences)
-    assert upload.returncode == 0, upload.stdout + upload.stderr
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    assert old_password == 401
-    assert points >= 15

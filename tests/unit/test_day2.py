@@ -418,10 +418,8 @@ def test_cron_schedule(schedule: str, cron: str | None) -> None:
 
 
 def systemd_runner(enabled: str = "disabled", active: str = "inactive") -> FakeRunner:
-    runner = FakeRunner()
-    runner.on(["systemctl", "is-enabled"], stdout=enabled + "\n")
-    runner.on(["systemctl", "is-active"], stdout=active + "\n")
-    return runner
+    shown = f"UnitFileState={enabled}\nActiveState={active}\n"
+    return FakeRunner().on(["systemctl", "show", "devpi-agent-backup.timer"], stdout=shown)
 
 
 def test_backup_timer_under_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -435,7 +433,7 @@ def test_backup_timer_under_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         service
     )
     assert "OnCalendar=03:30\n" in timer and "Persistent=true" in timer
-    assert [c.argv for c in runner.calls if c.argv[1] not in ("is-enabled", "is-active")] == [
+    assert [c.argv for c in runner.calls if c.argv[1] != "show"] == [
         ("systemd-analyze", "calendar", "03:30"),
         ("systemctl", "daemon-reload"),
         ("systemctl", "enable", "devpi-agent-backup.timer"),

@@ -34,7 +34,7 @@ PASSWORD = "canary-Vm-5d1e8b7c30"
 PACKAGE = "devpi-agent-vm-canary"
 CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 USER_DATA_LIMIT = 16 * 1024
-BOOT_TIMEOUT = 900
+BOOT_TIMEOUT = 1800  # bounded; ~8 min on an idle 2-core machine, far more when it is shared
 
 
 @dataclass
