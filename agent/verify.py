@@ -17,6 +17,7 @@ import shutil
 import socket
 import ssl
 import stat
+import tempfile
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -183,22 +184,49 @@ def certificate_verdict(
     return True, described
 
 
-def trusted_roots(config: Config) -> Path | None:
-    """The CA file a client of this server trusts; None for the system store."""
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def trusted_roots(config: Config) -> list[Path]:
+    """CA files a client of this server trusts besides the system store.
+
+    acme_ca_root is the ACME server's own TLS root, which for a company CA (step-ca) is also its
+    issuing root; with tls = "files", the chain in cert_file may end in the company's root.
+    """
     server = config.server
     if server.tls == "internal":
-        return tls.internal_root(caddy_home())
+        return [tls.internal_root(caddy_home())]
     if server.tls == "acme" and server.acme_ca_root is not None:
-        return server.acme_ca_root
-    return None
+        return [server.acme_ca_root]
+    if server.tls == "files" and server.cert_file is not None:
+        return [server.cert_file]
+    return []
+
+
+def _bundle(extra: list[Path]) -> str | None:
+    """One PEM file: the system store plus `extra`, for ssl's single cafile."""
+    if not extra:
+        return None
+    parts = [SYSTEM_CA_BUNDLE.read_text()] if SYSTEM_CA_BUNDLE.exists() else []
+    parts += [path.read_text() for path in extra]
+    fd, name = tempfile.mkstemp(prefix="devpi-agent-verify-", suffix=".pem")
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(parts))
+    return name
 
 
 def check_certificate(ctx: Context) -> Check:
     server = ctx.config.server
-    cafile = trusted_roots(ctx.config)
-    if cafile is not None and not cafile.exists():
-        return failed("tls-certificate", f"the CA to trust, {cafile}, does not exist")
-    info = tls.served_certificate("127.0.0.1", server.https_port, server.domain, cafile=cafile)
+    extra = trusted_roots(ctx.config)
+    missing = [str(path) for path in extra if not path.exists()]
+    if missing:
+        return failed("tls-certificate", f"the CA to trust, {', '.join(missing)}, does not exist")
+    cafile = _bundle(extra)
+    try:
+        info = tls.served_certificate("127.0.0.1", server.https_port, server.domain, cafile=cafile)
+    finally:
+        if cafile is not None:
+            os.unlink(cafile)
     ok, detail = certificate_verdict(info, server.tls)
     return Check("tls-certificate", ok, detail)
 

@@ -120,7 +120,7 @@ def converge(ctx: Context) -> None:
         _upgrade(ctx)
 
     if missing and ctx.change(f"install {' '.join(missing)}"):
-        with _services_held(ctx):
+        with services_held(ctx):
             _apt_get(
                 ctx,
                 "install",
@@ -179,7 +179,7 @@ def dpkg_interrupted(ctx: Context) -> bool:
 def _finish_dpkg(ctx: Context) -> None:
     """What apt asks for after a killed install. A package left half-unpacked makes it exit
     non-zero; apt-get install then reinstalls that one, so the failure is only logged."""
-    with _services_held(ctx):
+    with services_held(ctx):
         result = ctx.runner.run(
             ["dpkg", "--force-confdef", "--force-confold", "--configure", "-a"],
             env=APT_ENV,
@@ -207,7 +207,7 @@ def _upgrade(ctx: Context) -> None:
         )
 
 
-class _services_held:
+class services_held:
     """policy-rc.d refusing every start while apt runs; an existing foreign one is left alone."""
 
     def __init__(self, ctx: Context) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.config import DEFAULT_CONFIG_PATH
 from agent.facts import installed_packages
 from agent.files import render
-from agent.steps.apt import APT_ENV, _services_held, apt_options
+from agent.steps.apt import APT_ENV, apt_options, services_held
 from agent.steps.base import Context, StepFailed
 from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
 
@@ -134,7 +134,7 @@ def _cron(ctx: Context) -> None:
         )
     if "cron" not in installed_packages(ctx.runner, ["cron"]) and ctx.change("install cron"):
         # Held stopped: supervisord runs cron here, a second one started by apt would clash.
-        with _services_held(ctx):
+        with services_held(ctx):
             ctx.runner.run(
                 ["apt-get", *apt_options(ctx), "install", "-y", "--no-install-recommends", "cron"],
                 env=APT_ENV,
