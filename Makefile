@@ -41,7 +41,7 @@ $(CLOUD_INIT_YAML): units/cloud-init.yaml.j2 agent/userdata.py | venv
 vagrant-user-data: dist/vagrant-user-data.yaml
 
 dist/vagrant-user-data.yaml: dist/devpi-agent
-	dist/devpi-agent user-data --domain 127.0.0.1 --tls internal --https-port 8443 \
+	dist/devpi-agent user-data --domain localhost --tls internal --https-port 8443 \
 	    --http-port 0 --user devops --agent-url file:///opt/devpi-agent-dist/devpi-agent \
 	    --agent-file dist/devpi-agent -o $@
 
@@ -90,7 +90,8 @@ demo-stop: venv
 
 ## reliability: crashes, bad input, secrets, locks, reboot, load; then docs/reliability.md (root)
 reliability: venv dist
-	$(VENV)/bin/pytest tests/unit/test_bad_input.py tests/integration/test_reliability.py -v -rA
+	$(VENV)/bin/pytest tests/unit/test_bad_input.py -q
+	$(VENV)/bin/pytest tests/integration/test_reliability.py -v -rA
 	$(PY) tools/reliability_table.py
 
 ## bench: performance figures (issue #6) into bench/results/ (root; ~6 min)

@@ -145,6 +145,11 @@ def existing_uploads(api: DevpiApi) -> list[str]:
 def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
     started = time.monotonic()
     devpi = ctx.config.devpi
+    if devpi.role == "replica":
+        raise StepFailed(
+            "this host is a replica: restore the backup on its primary; the replicas copy it "
+            "(after a restore they start over: docs/scaling.md)"
+        )
     if not (source / DATAINDEX).is_file():
         raise StepFailed(f"{source} is not a devpi export: it has no {DATAINDEX}")
     for needed in (devpi.venv / "bin" / "devpi-import", CONFIG_FILE):

@@ -31,6 +31,7 @@ TlsMode = Literal["acme", "internal", "files"]
 CaddySource = Literal["distro", "official"]
 Indexer = Literal["null", "whoosh"]
 UpgradeMode = Literal["auto", "export-import"]
+Role = Literal["standalone", "primary", "replica"]
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -86,6 +87,16 @@ class DevpiConfig:
     # "auto": in place within a devpi-server major version, export and import across majors;
     # "export-import": every devpi-server version change goes through export and import.
     upgrade: UpgradeMode = "auto"
+    # Replication (docs/scaling.md): "primary" serves devpi's replication protocol through
+    # Caddy's replication site on replication_port, to replica_addresses only; "replica" is a
+    # read copy of primary_url. Both share devpi's signing secret, read from secret_file.
+    role: Role = "standalone"
+    replication_port: int | None = None
+    replica_addresses: tuple[str, ...] = ()
+    primary_url: str | None = None
+    primary_ca_file: Path | None = None
+    secret_file: Path | None = None
+    secret: bytes | None = field(default=None, repr=False)
 
     @property
     def serverdir(self) -> Path:
@@ -367,9 +378,131 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
         indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
         prune=table.get("prune", bool, defaults.prune),
         upgrade=_choice(table, "upgrade", ("auto", "export-import"), defaults.upgrade),  # type: ignore[arg-type]
+        **_parse_replication(table),
     )
     table.finish()
     return devpi
+
+
+# Which roles each replication setting belongs to.
+_REPLICATION_KEYS = {
+    "replication_port": ("primary",),
+    "replica_addresses": ("primary",),
+    "primary_url": ("replica",),
+    "primary_ca_file": ("replica",),
+    "secret_file": ("primary", "replica"),
+}
+# devpi-server refuses a secret shorter than this, or made of fewer distinct bytes.
+MIN_SECRET_BYTES = 32
+MIN_SECRET_DISTINCT_BYTES = 6
+
+
+def _parse_replication(table: _Table) -> dict[str, Any]:
+    role = _choice(table, "role", ("standalone", "primary", "replica"), "standalone")
+    for name, roles in _REPLICATION_KEYS.items():
+        if name in table.data and role not in roles:
+            wanted = " or ".join(f'"{r}"' for r in roles)
+            raise ConfigError(table.path(name), f'only used with role = {wanted}, not "{role}"')
+    settings: dict[str, Any] = {"role": role}
+    if role == "primary":
+        if "replication_port" not in table.data:
+            raise ConfigError(
+                table.path("replication_port"),
+                'required with role = "primary": the port the replicas connect to',
+            )
+        settings["replication_port"] = _port(table, "replication_port", 0)
+        settings["replica_addresses"] = _replica_addresses(table)
+    if role == "replica":
+        if "primary_url" not in table.data:
+            raise ConfigError(
+                table.path("primary_url"),
+                'required with role = "replica": the primary\'s replication URL, '
+                "https://<its domain>:<its replication_port>",
+            )
+        settings["primary_url"] = _primary_url(table.path("primary_url"), table)
+        settings["primary_ca_file"] = _optional_absolute_path(table, "primary_ca_file")
+    secret_file = _optional_absolute_path(table, "secret_file")
+    if role == "replica" and secret_file is None:
+        raise ConfigError(
+            table.path("secret_file"),
+            'required with role = "replica": a copy of the primary\'s devpi secret',
+        )
+    if secret_file is not None:
+        settings["secret_file"] = secret_file
+        settings["secret"] = read_secret_file(table.path("secret_file"), secret_file)
+    return settings
+
+
+def _replica_addresses(table: _Table) -> tuple[str, ...]:
+    key = table.path("replica_addresses")
+    if "replica_addresses" not in table.data:
+        raise ConfigError(key, 'required with role = "primary": the addresses of the replicas')
+    items: list[Any] = table.get("replica_addresses", list)
+    if not items:
+        raise ConfigError(key, "list at least one replica's IP address (or network)")
+    addresses: list[str] = []
+    for n, item in enumerate(items):
+        item_key = f"{key}[{n}]"
+        if not isinstance(item, str):
+            raise ConfigError(item_key, f"expected a string, got {_describe(item)}")
+        try:
+            address = (
+                str(ipaddress.ip_network(item, strict=True))
+                if "/" in item
+                else str(ipaddress.ip_address(item))
+            )
+        except ValueError:
+            raise ConfigError(
+                item_key, f"{item!r} is not an IP address or a network like 10.0.0.0/24"
+            ) from None
+        if address in addresses:
+            raise ConfigError(item_key, f"{item!r} is listed twice")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _primary_url(key: str, table: _Table) -> str:
+    url: str = table.get("primary_url", str)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        valid = False
+    # It goes into devpi's YAML and the Caddyfile: no blanks, quotes or braces.
+    if not valid or any(ch.isspace() or ch in "\"'{}#" for ch in url):
+        raise ConfigError(key, f"{url!r} is not an https:// (or http://) URL")
+    if parts.username or parts.password:
+        raise ConfigError(key, "must not hold credentials: replicas authenticate with the secret")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(
+            key,
+            f"{url!r} has a path: give the primary's server URL, "
+            "https://<domain>:<replication_port>, not an index URL",
+        )
+    return url.rstrip("/")
+
+
+def read_secret_file(key: str, path: Path) -> bytes:
+    """devpi's signing secret, shared by a primary and its replicas; used byte for byte."""
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key, f"secret file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(key, f"secret file {path} is not readable") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"secret file {path} is a directory") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(key, f"secret file {path} cannot be read: {error}") from None
+    if len(secret) < MIN_SECRET_BYTES or len(set(secret)) < MIN_SECRET_DISTINCT_BYTES:
+        raise ConfigError(
+            key,
+            f"secret file {path} is too short or too uniform for devpi (at least "
+            f"{MIN_SECRET_BYTES} bytes); copy the primary's, or make one with "
+            "`openssl rand -base64 48`",
+        )
+    return secret
 
 
 def _parse_apt(table: _Table) -> AptConfig:
@@ -566,6 +699,10 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     for name, port in (("https_port", server.https_port), ("http_port", server.http_port)):
         if port == devpi.port:
             raise ConfigError("devpi.port", f"port {port} is already server.{name}")
+        if port == devpi.replication_port:
+            raise ConfigError("devpi.replication_port", f"port {port} is already server.{name}")
+    if devpi.replication_port == devpi.port:
+        raise ConfigError("devpi.replication_port", f"port {devpi.port} is already devpi.port")
     return Config(
         server=server,
         devpi=devpi,

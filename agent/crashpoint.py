@@ -8,8 +8,10 @@ Only the crash tests set it; unset (always, in production) a crash point is one 
                                              e.g. "pip install", or its program name)
 
 The agent then SIGKILLs every process it started (pip, apt-get, dpkg, devpi-init...) and itself,
-as a power cut or `kill -9` of its process group would. DEVPI_AGENT_CRASH_MODE=raise raises
-CrashPointReached instead (a step that crashes with a traceback).
+as a power cut or `kill -9` of its process group would; DEVPI_AGENT_CRASH_DELAY=<seconds> does
+that so long after the point, the run going on meanwhile (a kill halfway through pip's install
+phase, which prints nothing). DEVPI_AGENT_CRASH_MODE=raise raises CrashPointReached instead (a
+step that crashes with a traceback).
 
 The engine calls <step>:before and <step>:after around every step; the steps call the points
 inside them (grep for `crashpoint(`).
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from contextlib import suppress
 
 CRASH_AT = "DEVPI_AGENT_CRASH_AT"
 CRASH_MODE = "DEVPI_AGENT_CRASH_MODE"
+CRASH_DELAY = "DEVPI_AGENT_CRASH_DELAY"
 
 
 class CrashPointReached(Exception):
@@ -41,9 +45,15 @@ def crashpoint(name: str, output: str | None = None) -> None:
         hit = bool(tilde) and point == name and text in output
     if not hit:
         return
-    if os.environ.get(CRASH_MODE) == "raise":
+    # Only a step may raise: an output line is read in another thread, where nothing would see it.
+    if os.environ.get(CRASH_MODE) == "raise" and output is None:
         raise CrashPointReached(f"test hook {CRASH_AT}={wanted} reached")
-    _kill_process_tree()
+    delay = float(os.environ.get(CRASH_DELAY) or 0)
+    if delay > 0:
+        os.environ[CRASH_AT] = ""  # once
+        threading.Timer(delay, _kill_process_tree).start()
+    else:
+        _kill_process_tree()
 
 
 def _children_by_parent() -> dict[int, list[int]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from agent import log, tls
+from agent import log, replication, tls
 from agent.command_support import (
     EXIT_FAILED,
     EXIT_OK,
@@ -256,6 +256,9 @@ def check_loopback(ctx: Context) -> Check:
 
 
 def check_root_password(ctx: Context) -> Check:
+    if replication.is_replica(ctx.config):
+        # A replica relays logins to its primary: root and its password are the primary's.
+        return passed("root-password", "replica: root is the primary's, checked there")
     api = DevpiApi(ctx.config.devpi.port, timeout=30)
     if not devpi_api_answers(ctx.config.devpi.port):
         return failed("root-password", "cannot check: devpi does not answer")
@@ -307,6 +310,8 @@ def check_private_files(ctx: Context) -> Check:
     if config.path is not None:
         paths.append(config.path)
     paths += [u.password_file for u in config.users if u.password_file is not None]
+    if config.devpi.secret_file is not None:
+        paths.append(config.devpi.secret_file)
     problems = []
     for path in paths:
         st = _stat(ctx.files.host_path(path))
@@ -389,6 +394,21 @@ CHECKS: tuple[tuple[str, Callable[[Context], Check]], ...] = (
 )
 
 
+def check_replication(ctx: Context) -> Check:
+    """A replica: its lag behind the primary; a primary: protocol on, port guarded, replicas."""
+    if replication.is_replica(ctx.config):
+        ok, detail = replication.replica_verdict(ctx.config)
+    else:
+        ok, detail = replication.primary_verdict(ctx)
+    return Check("replication", ok, detail)
+
+
+def checks_for(config: Config) -> tuple[tuple[str, Callable[[Context], Check]], ...]:
+    if config.devpi.role == "standalone":
+        return CHECKS
+    return (*CHECKS, ("replication", check_replication))
+
+
 def run_checks(
     ctx: Context, checks: Sequence[tuple[str, Callable[[Context], Check]]] = CHECKS
 ) -> list[Check]:
@@ -428,6 +448,6 @@ def verify(config_path: Path, as_json_output: bool) -> None:
     require_root("verify")
     log.configure(log_file=None)
     ctx = host_context(config, check=True)
-    checks = run_checks(ctx)
+    checks = run_checks(ctx, checks_for(config))
     click.echo(as_json(checks) if as_json_output else render_table(checks))
     raise SystemExit(EXIT_OK if all(c.ok for c in checks) else EXIT_FAILED)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Render docs/reliability.md from the figures the reliability tests wrote.
 
-    pytest tests/unit/test_bad_input.py tests/integration/test_reliability.py
-    python3 tools/reliability_table.py            # test-artifacts/reliability.json -> docs/
+    make reliability      # runs tests/unit/test_bad_input.py and
+                          # tests/integration/test_reliability.py, then this script:
+    python3 tools/reliability_table.py      # test-artifacts/reliability.json -> docs/
 
 A section the tests did not produce is shown as "not measured" rather than left out.
 """
@@ -18,10 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "test-artifacts" / "reliability.json"
 DOC = REPO / "docs" / "reliability.md"
 MISSING = "not measured"
-
-
-def _ms(seconds: float | None) -> str:
-    return MISSING if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def _pcts(figures: dict[str, Any] | None, unit: str = "s") -> str:
@@ -161,9 +158,9 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Produced by the project's own tests on real hosts (Debian 12 under systemd-nspawn, real",
         "systemd, apt, pip, devpi, Caddy, twine) on a 2-core machine; regenerate with",
-        "`pytest tests/unit/test_bad_input.py tests/integration/test_reliability.py` then",
-        "`python3 tools/reliability_table.py`. Load and brute-force figures are measurements,",
-        "not limits the tests enforce; the tests enforce zero errors and zero leaks.",
+        "`make reliability` (the two test files, then `tools/reliability_table.py`). Load and",
+        "brute-force figures are measurements, not limits the tests enforce; the tests enforce",
+        "zero errors and zero leaks. Timings vary with what else the machine is doing.",
         "",
         "| what is proved | figures | test |",
         "|---|---|---|",
@@ -180,18 +177,28 @@ def render(results: dict[str, Any]) -> str:
             "test hook: `agent/crashpoint.py`). `<step>:before/after` are step boundaries;",
             "`run:<command>~<text>` kills while that command runs, at its first output line",
             "containing the text (apt-get unpacking and configuring, pip downloading and",
-            "installing, devpi-init). What each kill left for the next run:",
+            "installing, devpi-init); `+N s` kills N seconds after the point, the run going on",
+            "(halfway through pip's silent install phase). What each kill left for the next run:",
             "",
-            "| # | kill point | run took | pending for the next run | dpkg audit lines |",
-            "|---|---|---|---|---|",
+            "| # | kill point | run took | pending for the next run | dpkg audit lines "
+            "| packages in the venv |",
+            "|---|---|---|---|---|---|",
         ]
         for n, kill in enumerate(crash["kills"], 1):
             pending = ", ".join(kill["pending"]) or "-"
             lines.append(
                 f"| {n} | `{kill['point']}` | {kill['seconds']} s | {pending} | "
-                f"{kill['dpkg_audit_lines']} |"
+                f"{kill['dpkg_audit_lines']} | {kill['venv_dists']} |"
             )
-    lines += ["", OPERATOR_NOTES]
+    brute = results.get("brute_force") or {}
+    if "caddy_log_lines_about_401" in brute and "burst_refused" in brute:
+        caddy_log = (
+            f"measured: {brute['caddy_log_lines_about_401']} lines of Caddy's journal mention a "
+            f"401 after {brute['burst_refused']} refused guesses"
+        )
+    else:
+        caddy_log = MISSING
+    lines += ["", OPERATOR_NOTES.replace("{caddy_log}", caddy_log)]
     return "\n".join(lines) + "\n"
 
 
@@ -214,16 +221,19 @@ guesser down. On a server reachable from the internet:
       set guessers { type ipv4_addr; flags dynamic, timeout; timeout 1m; }
       chain input {
           type filter hook input priority filter; policy accept;
-          tcp dport 443 ct state new add @guessers { ip saddr limit rate over 5/second } drop
+          tcp dport 443 ct state new add @guessers { ip saddr limit rate over 20/second } drop
       }
   }
   ```
 
-  pip and twine reuse connections, so honest clients stay far below this; a guesser that keeps
-  one connection open is not slowed by it, only by the bcrypt cost.
+  pip and twine keep one connection per server, but a CI runner behind one address may start
+  many at once: set the rate above what your busiest client opens. A guesser that keeps one
+  connection open is not slowed by it, only by the bcrypt cost.
 - **fail2ban** needs a log line per failed login with the client address. The Caddyfile the
-  agent writes has no access log, so this needs Caddy's `log` directive (not managed by the agent
-  yet); with it, a fail2ban filter on `"status":401` in Caddy's JSON access log bans guessers.
+  agent writes has no access log, and Caddy does not log refused logins at its default level
+  ({caddy_log}).
+  So this needs Caddy's `log` directive (not managed by the agent yet); with it, a fail2ban
+  filter on `"status":401` in Caddy's JSON access log bans guessers.
 - Per-request rate limiting inside Caddy needs a Caddy built with a rate-limit module (not in
   Debian's or Caddy's stock packages).
 """

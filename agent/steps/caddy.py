@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bcrypt
 
-from agent import tls
+from agent import replication, tls
 from agent.crashpoint import crashpoint
 from agent.facts import caddy_version
 from agent.files import render
@@ -125,6 +125,10 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         users=users,
         devpi_port=ctx.config.devpi.port,
         outside_url=server.outside_url,
+        role=ctx.config.devpi.role,
+        replication_site=f"{host}:{ctx.config.devpi.replication_port}",
+        replica_addresses=ctx.config.devpi.replica_addresses,
+        primary_host=replication.primary_host(ctx.config),
     )
 
 

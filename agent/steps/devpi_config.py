@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent import replication
 from agent.crashpoint import crashpoint
 from agent.files import render
 from agent.steps.base import Context
@@ -22,6 +23,8 @@ def content(ctx: Context) -> str:
         port=devpi.port,
         outside_url=ctx.config.server.outside_url,
         indexer=devpi.indexer,
+        role=devpi.role,
+        primary_url=devpi.primary_url,
     )
 
 
@@ -33,3 +36,4 @@ def converge(ctx: Context) -> None:
         ctx.mark_pending("devpi-server-restart")
     ctx.write(CONFIG_FILE, wanted, mode=0o644)
     crashpoint("devpi-config:written")
+    replication.converge_ca_bundle(ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import shutil
 
+from agent import replication
 from agent.config import ConfigError, read_password_file
 from agent.crashpoint import crashpoint
 from agent.log import redactor
@@ -45,10 +46,12 @@ def ensure_root_password(ctx: Context) -> str:
 
 def converge(ctx: Context) -> None:
     devpi = ctx.config.devpi
-    password = ensure_root_password(ctx)
+    # A replica's root, like every user, comes from the primary: it has no password of its own.
+    password = None if replication.is_replica(ctx.config) else ensure_root_password(ctx)
     crashpoint("devpi-init:password-written")
     bin_dir = devpi.venv / "bin"
 
+    replication.converge_secret(ctx)
     if not ctx.files.exists(devpi.secretfile) and ctx.change(
         f"generate devpi's secret {devpi.secretfile}"
     ):
@@ -59,6 +62,7 @@ def converge(ctx: Context) -> None:
             timeout=120,
         )
 
+    replication.check_server_dir_role(ctx)
     if ctx.files.exists(devpi.serverdir / ".nodeinfo"):
         return
     real_serverdir = ctx.files.host_path(devpi.serverdir)
@@ -85,7 +89,8 @@ def converge(ctx: Context) -> None:
             user=devpi.user,
             cwd=str(devpi.home),
             # The environment keeps the password out of argv (and so out of ps).
-            env={"DEVPISERVER_ROOT_PASSWD": password},
+            # A replica's devpi-init makes an empty server dir that follows the primary.
+            env={"DEVPISERVER_ROOT_PASSWD": password} if password is not None else {},
             timeout=600,
         )
         if not (real_staging / ".nodeinfo").exists():

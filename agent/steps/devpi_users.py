@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from agent import replication
 from agent.crashpoint import crashpoint
 from agent.devpi_api import DevpiApi, DevpiError, RemoteUser
 from agent.steps.base import Context, StepFailed
@@ -20,6 +21,9 @@ NAME = "devpi-users"
 
 
 def converge(ctx: Context) -> None:
+    if replication.is_replica(ctx.config):
+        _report_replicated(ctx)
+        return
     if ctx.check and not _reachable(ctx):
         for user in ctx.config.users:
             ctx.change(f"create devpi user {user.name} (devpi is not running yet)")
@@ -35,6 +39,35 @@ def converge(ctx: Context) -> None:
 
 def _reachable(ctx: Context) -> bool:
     return devpi_api_answers(ctx.config.devpi.port)
+
+
+def _report_replicated(ctx: Context) -> None:
+    """A replica gets users and indexes from its primary (and relays changes there): nothing is
+    made here; declared ones the primary lacks are named, since their logins would fail."""
+    primary = ctx.config.devpi.primary_url
+    try:
+        remote = DevpiApi(ctx.config.devpi.port).users() if _reachable(ctx) else None
+    except DevpiError:
+        remote = None
+    if remote is None:
+        ctx.log.info("replica: users and indexes come from the primary", primary=primary)
+        return
+    missing = [u.name for u in ctx.config.users if u.name not in remote] + [
+        i.name
+        for i in ctx.config.indexes
+        if i.user not in remote or i.index not in remote[i.user].indexes
+    ]
+    if missing:
+        ctx.log.warning(
+            "replica: declared here but not on the primary (apply them there)",
+            primary=primary,
+            missing=missing,
+        )
+    else:
+        ctx.log.info(
+            "replica: users and indexes come from the primary; all declared ones are here",
+            primary=primary,
+        )
 
 
 def _converge(ctx: Context, api: DevpiApi) -> None:

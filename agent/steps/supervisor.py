@@ -12,13 +12,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import supervisor_rpc
+from agent import replication, supervisor_rpc
 from agent.crashpoint import crashpoint
 from agent.files import render
 from agent.runner import Result
 from agent.steps.base import Context, StepFailed
 from agent.steps.devpi_config import CONFIG_FILE
-from agent.steps.venv import SYSTEM_CA_BUNDLE
 
 NAME = "supervisor"
 SUPERVISORD_CONF = Path("/etc/supervisor/supervisord.conf")
@@ -141,7 +140,7 @@ def program_content(ctx: Context) -> str:
         config_file=CONFIG_FILE,
         home=devpi.home,
         user=devpi.user,
-        ca_bundle=SYSTEM_CA_BUNDLE,
+        ca_bundle=replication.ca_bundle(ctx.config),
         log_file=LOG_DIR / "devpi-server.log",
     )
 
@@ -173,5 +172,8 @@ def converge(ctx: Context) -> None:
     crashpoint("supervisor:before-ready")
     wait_for_devpi(ctx)
     ctx.clear_pending(RESTART_PENDING)
+    if replication.is_replica(ctx.config):
+        # Its mirror and users come from the primary: nothing to warm before the first pull.
+        replication.wait_for_first_sync(ctx)
     if started:
         warm_mirror(ctx)

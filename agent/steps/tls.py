@@ -29,6 +29,8 @@ def converge(ctx: Context) -> None:
     ports = {server.https_port: "server.https_port"}
     if server.http_port:
         ports[server.http_port] = "server.http_port"
+    if ctx.config.devpi.replication_port:
+        ports[ctx.config.devpi.replication_port] = "devpi.replication_port"
     problems = tls.port_problems(tls.listeners(ports), ports)
     if server.tls == "acme" and server.acme_preflight:
         problems.extend(_acme_problems(ctx))

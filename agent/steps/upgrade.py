@@ -90,6 +90,12 @@ def converge(ctx: Context) -> None:
     assert installed is not None
     if not ctx.files.exists(devpi.serverdir / ".nodeinfo"):
         return  # no data yet: the venv step replaces the code in place
+    if devpi.role == "replica":
+        # An import makes a server of its own, with a new identity; a replica copies its primary.
+        raise StepFailed(
+            f"a replica is not upgraded by export and import: upgrade the primary first, then "
+            f"move {devpi.serverdir} away and apply; the replica copies everything again"
+        )
     if _release(wanted) < _release(installed):
         raise StepFailed(
             f"devpi-server {wanted} is older than the installed {installed}: an export imports "

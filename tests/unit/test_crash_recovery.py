@@ -67,12 +67,17 @@ def test_hook_raises_at_the_named_point_only(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_hook_matches_command_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed() -> None:
+        raise Killed("the process tree")
+
+    monkeypatch.setattr(crash, "_kill_process_tree", killed)
     monkeypatch.setenv(crash.CRASH_AT, "run:pip install~Installing collected")
+    # raise mode is for steps only: an output line is read in another thread, so it kills
     monkeypatch.setenv(crash.CRASH_MODE, "raise")
     crash.crashpoint("run:pip install")
     crash.crashpoint("run:pip install", "Collecting devpi-server==6.20.3")
     crash.crashpoint("run:apt-get install", "Installing collected packages")
-    with pytest.raises(crash.CrashPointReached):
+    with pytest.raises(Killed):
         crash.crashpoint("run:pip install", "Installing collected packages: six, devpi")
 
 
@@ -115,6 +120,28 @@ def test_hook_kills_the_agent_and_everything_it_started() -> None:
     while not (_gone(child) and _gone(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _gone(child) and _gone(grandchild), "a process the agent started outlived it"
+
+
+def test_hook_with_a_delay_lets_the_run_go_on_then_kills_it() -> None:
+    script = (
+        "import time\nfrom agent.crashpoint import crashpoint\n"
+        "crashpoint('venv:created')\nprint('went on', flush=True)\n"
+        "crashpoint('venv:created')\ntime.sleep(30)\nprint('survived', flush=True)\n"
+    )
+    env = {
+        **os.environ,
+        crash.CRASH_AT: "venv:created",
+        crash.CRASH_DELAY: "0.5",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    env.pop(crash.CRASH_MODE, None)
+    started = time.monotonic()
+    victim = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert victim.returncode == -9, victim.stderr
+    assert victim.stdout == "went on\n"
+    assert time.monotonic() - started < 20
 
 
 def test_engine_calls_the_hook_around_every_step(

@@ -43,7 +43,7 @@ def test_vagrantfile_validates_with_the_rendered_user_data(tmp_path: Path) -> No
     user_data.write_text(
         render_user_data(
             UserData(
-                domain="127.0.0.1",
+                domain="localhost",
                 tls="internal",
                 https_port=8443,
                 http_port=0,
@@ -71,7 +71,7 @@ def test_vagrantfile_and_makefile_agree() -> None:
     assert '"/opt/devpi-agent-dist", type: "rsync"' in vagrantfile
     assert 'host_ip: "127.0.0.1"' in vagrantfile
     assert f"--agent-url {VAGRANT_AGENT_URL}" in makefile
-    assert "--tls internal --https-port 8443" in makefile
+    assert "--domain localhost --tls internal --https-port 8443" in makefile
     assert "HTTPS_PORT = 8443" in vagrantfile
 
 
