@@ -40,6 +40,9 @@ config_option = click.option(
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
     """Converge this host into a private PyPI server: devpi behind Caddy, HTTPS and basic auth."""
+    # Files get explicit modes, but what pip and venv create inherits the umask: under a strict
+    # one (027, common in hardened cloud-init) the service user could not run its own venv.
+    os.umask(0o022)
     ctx.obj = {"verbose": verbose}
 
 

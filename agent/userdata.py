@@ -72,7 +72,7 @@ def placeholder_user_data(agent_url: str = DEFAULT_AGENT_URL) -> UserData:
         acme_email=f"{PLACEHOLDER}: ops@example.com>",
         users=(Account("devops", f"{PLACEHOLDER}: a password>"),),
         agent_url=agent_url,
-        agent_sha256=f"{PLACEHOLDER}: sha256 of the release's devpi-agent>",
+        agent_sha256=f"{PLACEHOLDER}: sha256 of devpi-agent from the release SHA256SUMS>",
         placeholders=True,
     )
 
@@ -114,9 +114,14 @@ def render_user_data(data: UserData) -> str:
 
 
 def config_toml(user_data: str) -> str:
-    """The /etc/devpi-agent/config.toml that a user-data writes (its write_files content)."""
+    """The /etc/devpi-agent/config.toml that a user-data writes."""
+    return written_file(user_data, "/etc/devpi-agent/config.toml")
+
+
+def written_file(user_data: str, path: str) -> str:
+    """The content of one of the user data's write_files entries (as this template lays it out)."""
     lines = user_data.splitlines()
-    start = lines.index("  - path: /etc/devpi-agent/config.toml")
+    start = lines.index(f"  - path: {path}")
     content = next(n for n in range(start, len(lines)) if lines[n].strip() == "content: |")
     block: list[str] = []
     for line in lines[content + 1 :]:

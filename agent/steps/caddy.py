@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import pwd
 import re
 import socket
@@ -112,6 +113,9 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
     return render(
         "Caddyfile.j2",
         admin=server.caddy_admin,
+        # A client sends no SNI for an IP address; Caddy then needs to be told which
+        # certificate is the site's, or it answers with a TLS alert behind NAT.
+        default_sni=server.domain if _is_ip(server.domain) else None,
         http_port=server.http_port,
         https_port=server.https_port,
         tls=server.tls,
@@ -130,6 +134,14 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         replica_addresses=ctx.config.devpi.replica_addresses,
         primary_host=replication.primary_host(ctx.config),
     )
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def caddy_home() -> str:

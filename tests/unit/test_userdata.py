@@ -27,6 +27,7 @@ from agent.userdata import (
     config_toml,
     placeholder_user_data,
     render_user_data,
+    written_file,
 )
 
 if sys.version_info >= (3, 11):
@@ -258,3 +259,12 @@ def test_command_takes_the_running_agent_and_pins_its_release(
     assert re.search(r"^ +AGENT_URL=https://github.com/.*/releases/download/v[0-9.]+/devpi-agent$",
                      result.stdout, re.M)  # fmt: skip
     assert f"AGENT_SHA256={hashlib.sha256(b'an agent').hexdigest()}\n" in result.stdout
+
+
+def test_bootstrap_script_is_valid_bash(tmp_path: Path) -> None:
+    script = tmp_path / "devpi-agent-bootstrap"
+    script.write_text(written_file(rendered(), "/usr/local/sbin/devpi-agent-bootstrap"))
+    assert script.read_text().startswith("#!/bin/bash\n")
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"AGENT_SHA256={SHA}\n" in script.read_text()
