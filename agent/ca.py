@@ -6,41 +6,26 @@ to the company's ACME CA), with "files" to the company's own CA.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from agent.config import DEFAULT_CONFIG_PATH, ConfigError, load
+from agent.command_support import EXIT_CANNOT_START, EXIT_FAILED, config_option, fail, load_config
 from agent.x509 import CertificateError, load_pem
-
-EXIT_FAILED, EXIT_CONFIG, EXIT_CANNOT_START = 1, 2, 3
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
-    click.echo(f"devpi-agent ca: {message}", err=True)
-    sys.exit(code)
+    fail("ca", message, code)
 
 
 @click.command("ca")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    help="The agent's TOML config.",
-)
+@config_option
 def ca(config_path: Path) -> None:
     """Print Caddy's local CA root certificate (PEM; tls = "internal") for clients to trust."""
     from agent.steps.caddy import caddy_home
     from agent.tls import internal_root
 
-    try:
-        config = load(config_path)
-    except ConfigError as error:
-        _fail(f"invalid config: {error}", EXIT_CONFIG)
-        return
+    config = load_config("ca", config_path)
     server = config.server
     if server.tls != "internal":
         source = {

@@ -15,24 +15,19 @@ from typing import NoReturn
 import click
 
 from agent import __version__, log
-from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
-from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
-from agent.facts import os_release, systemd_running
-from agent.files import Files
-from agent.log import redactor
-from agent.runner import ShRunner
-from agent.steps import STEPS, Context
-
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANNOT_START = 0, 1, 2, 3
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=DEFAULT_CONFIG_PATH,
-    show_default=True,
-    help="The agent's TOML config.",
+from agent.command_support import (
+    EXIT_CANNOT_START,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    config_option,
+    host_context,
+    require_root,
 )
+from agent.config import Config, ConfigError, load
+from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
+from agent.log import redactor
+from agent.steps import STEPS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,27 +53,10 @@ def _load_or_exit(path: Path) -> Config:
     return config
 
 
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        click.echo("devpi-agent: must run as root (try: sudo devpi-agent ...)", err=True)
-        sys.exit(EXIT_CANNOT_START)
-
-
-def _context(config: Config, *, check: bool) -> Context:
-    return Context(
-        config=config,
-        runner=ShRunner(),
-        files=Files(check=check),
-        os=os_release(),
-        systemd=systemd_running(),
-        check=check,
-    )
-
-
 def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> RunReport:
     log.configure(verbose=verbose)
     logger = log.get()
-    ctx = _context(config, check=check)
+    ctx = host_context(config, check=check)
     logger.info(
         "plan" if check else "apply",
         version=__version__,
@@ -132,7 +110,7 @@ def apply(
 ) -> None:
     """Converge this host to the config; a second run changes nothing."""
     config = _load_or_exit(config_path)
-    _require_root()
+    require_root("apply")
     report = _converge(config, check=False, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
     if as_json:
         click.echo(json.dumps(report.as_json()))
@@ -150,7 +128,7 @@ def apply(
 def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
     """Show what apply would change, with diffs of the files; changes nothing."""
     config = _load_or_exit(config_path)
-    _require_root()
+    require_root("plan")
     report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
     _print_diffs(report)
     for step in report.steps:
