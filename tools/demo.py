@@ -109,6 +109,10 @@ def keeper(ready_fd: int) -> None:
         status.update(returncode=1, error=f"{type(error).__name__}: {error}")
     STATE.write_text(json.dumps(status))
     STATE.chmod(0o600)
+    # Let go of the terminal (or pipe): `make demo | tee log` must end when `up` does.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
     os.write(ready_fd, b"x")
     os.close(ready_fd)
     while not stopping and status.get("returncode") == 0:
