@@ -2,35 +2,59 @@
 
 Exit codes: 0 success, 1 a step failed, 2 invalid config (nothing touched),
 3 could not start (not root, another run holds the lock).
+
+Each command's module is imported only when that command runs: importing all of them (structlog,
+jinja2, sh, every step) costs more than the whole of `devpi-agent version`.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import os
-import sys
-from pathlib import Path
-from typing import NoReturn
 
 import click
 
-from agent import __version__, log
-from agent.command_support import (
-    EXIT_CANNOT_START,
-    EXIT_CONFIG,
-    EXIT_FAILED,
-    EXIT_OK,
-    config_option,
-    host_context,
-    require_root,
+from agent import __version__
+
+# command name -> "module:attribute"
+LAZY_COMMANDS = {
+    "apply": "agent.converge_cli:apply",
+    "plan": "agent.converge_cli:plan",
+    "verify": "agent.verify:verify",
+    "client-config": "agent.client_config:client_config",
+    "passwd": "agent.passwd:passwd",
+    "backup": "agent.backup:backup",
+    "restore": "agent.backup:restore_command",
+    "user-data": "agent.userdata:user_data",
+    "ca": "agent.ca:ca",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module the first time the command is looked up."""
+
+    def __init__(self, *args: object, lazy_commands: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands and cmd_name not in self.commands:
+            module_name, attribute = self.lazy_commands[cmd_name].split(":")
+            command = getattr(importlib.import_module(module_name), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{self.lazy_commands[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_commands=LAZY_COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-from agent.config import Config, ConfigError, load
-from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
-from agent.log import redactor
-from agent.steps import STEPS
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Also log every command run (debug).")
 @click.pass_context
 def main(ctx: click.Context, verbose: bool) -> None:
@@ -41,128 +65,7 @@ def main(ctx: click.Context, verbose: bool) -> None:
     ctx.obj = {"verbose": verbose}
 
 
-def _load_or_exit(path: Path) -> Config:
-    try:
-        config = load(path)
-    except ConfigError as error:
-        click.echo(f"devpi-agent: invalid config: {error}", err=True)
-        click.echo("nothing was changed on this host", err=True)
-        sys.exit(EXIT_CONFIG)
-    for user in config.users:
-        redactor.add(user.password, user=user.name)
-    return config
-
-
-def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> RunReport:
-    log.configure(verbose=verbose)
-    logger = log.get()
-    ctx = host_context(config, check=check)
-    logger.info(
-        "plan" if check else "apply",
-        version=__version__,
-        config=str(config.path),
-        os=ctx.os.pretty,
-        systemd=ctx.systemd,
-    )
-    try:
-        with single_run(LOCK_FILE, lock_timeout):
-            report = run_steps(ctx, STEPS)
-    except LockTimeout as error:
-        logger.error("locked", error=str(error))
-        click.echo(f"devpi-agent: {error}", err=True)
-        sys.exit(EXIT_CANNOT_START)
-    logger.info(
-        "recap",
-        ok=report.count("ok"),
-        changed=report.count("changed"),
-        failed=report.count("failed"),
-        skipped=report.skipped,
-        seconds=round(report.seconds, 3),
-    )
-    return report
-
-
-def _print_diffs(report: RunReport) -> None:
-    for change in report.file_changes:
-        click.echo(redactor(change.diff), nl=False)
-
-
-def _finish(report: RunReport) -> NoReturn:
-    sys.exit(EXIT_FAILED if report.failed else EXIT_OK)
-
-
-@main.command()
-@config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document; logs go to stderr.")
-@click.option(
-    "--diff", "show_diff", is_flag=True, help="Show a unified diff of every file changed."
-)
-@click.option(
-    "--lock-timeout",
-    type=float,
-    default=300,
-    show_default=True,
-    help="Seconds to wait for another run to finish.",
-)
-@click.pass_context
-def apply(
-    ctx: click.Context, config_path: Path, as_json: bool, show_diff: bool, lock_timeout: float
-) -> None:
-    """Converge this host to the config; a second run changes nothing."""
-    config = _load_or_exit(config_path)
-    require_root("apply")
-    report = _converge(config, check=False, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
-    if as_json:
-        click.echo(json.dumps(report.as_json()))
-    else:
-        if show_diff:
-            _print_diffs(report)
-        _print_summary(report)
-    _finish(report)
-
-
-@main.command()
-@config_option
-@click.option("--lock-timeout", type=float, default=300, show_default=True)
-@click.pass_context
-def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
-    """Show what apply would change, with diffs of the files; changes nothing."""
-    config = _load_or_exit(config_path)
-    require_root("plan")
-    report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
-    _print_diffs(report)
-    for step in report.steps:
-        for change in step.changes:
-            click.echo(f"{step.name}: would {change}")
-    _print_summary(report)
-    _finish(report)
-
-
-def _print_summary(report: RunReport) -> None:
-    for step in report.steps:
-        if step.error:
-            click.echo(f"{step.name}: FAILED: {redactor(step.error)}")
-    click.echo(report.recap())
-
-
 @main.command()
 def version() -> None:
     """Print the agent's version."""
     click.echo(f"devpi-agent {__version__}")
-
-
-from agent.userdata import user_data  # noqa: E402  (issue #3)
-
-main.add_command(user_data)
-
-from agent.ca import ca  # noqa: E402  (issue #8)
-
-main.add_command(ca)
-
-from agent.backup import backup, restore_command  # noqa: E402  (issue #4)
-from agent.client_config import client_config  # noqa: E402
-from agent.passwd import passwd  # noqa: E402
-from agent.verify import verify  # noqa: E402
-
-for _command in (verify, client_config, passwd, backup, restore_command):
-    main.add_command(_command)

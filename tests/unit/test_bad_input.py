@@ -20,7 +20,7 @@ from conftest import REPO_ROOT, reference_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import cli
+from agent import cli, converge_cli
 from agent.config import BCRYPT_MAX_PASSWORD_BYTES
 
 RESULTS = REPO_ROOT / "test-artifacts" / "reliability.json"
@@ -32,7 +32,7 @@ def never_converge(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("an invalid config got as far as converging the host")
 
-    monkeypatch.setattr(cli, "_converge", refuse)
+    monkeypatch.setattr(converge_cli, "_converge", refuse)
 
 
 @pytest.fixture(scope="module", autouse=True)

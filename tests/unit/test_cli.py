@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import REFERENCE_TOML
 
-from agent import __version__, cli
+from agent import __version__, cli, converge_cli
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def never_converge(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         pytest.fail("the CLI tried to converge this host")
 
-    monkeypatch.setattr(cli, "_converge", refuse)
+    monkeypatch.setattr(converge_cli, "_converge", refuse)
 
 
 def invoke(*args: str) -> Result:

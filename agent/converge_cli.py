@@ -1,0 +1,132 @@
+"""`apply` and `plan`: load the config, take the run lock, run every step, print the recap.
+
+Loaded only when one of them runs, so `devpi-agent version` and the day-2 commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+from agent import __version__, log
+from agent.command_support import (
+    EXIT_CANNOT_START,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    config_option,
+    host_context,
+    require_root,
+)
+from agent.config import Config, ConfigError, load
+from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
+from agent.log import redactor
+from agent.steps import STEPS
+
+
+def _load_or_exit(path: Path) -> Config:
+    try:
+        config = load(path)
+    except ConfigError as error:
+        click.echo(f"devpi-agent: invalid config: {error}", err=True)
+        click.echo("nothing was changed on this host", err=True)
+        sys.exit(EXIT_CONFIG)
+    for user in config.users:
+        redactor.add(user.password, user=user.name)
+    return config
+
+
+def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> RunReport:
+    log.configure(verbose=verbose)
+    logger = log.get()
+    ctx = host_context(config, check=check)
+    logger.info(
+        "plan" if check else "apply",
+        version=__version__,
+        config=str(config.path),
+        os=ctx.os.pretty,
+        systemd=ctx.systemd,
+    )
+    try:
+        with single_run(LOCK_FILE, lock_timeout):
+            report = run_steps(ctx, STEPS)
+    except LockTimeout as error:
+        logger.error("locked", error=str(error))
+        click.echo(f"devpi-agent: {error}", err=True)
+        sys.exit(EXIT_CANNOT_START)
+    logger.info(
+        "recap",
+        ok=report.count("ok"),
+        changed=report.count("changed"),
+        failed=report.count("failed"),
+        skipped=report.skipped,
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def _print_diffs(report: RunReport) -> None:
+    for change in report.file_changes:
+        click.echo(redactor(change.diff), nl=False)
+
+
+def _finish(report: RunReport) -> NoReturn:
+    sys.exit(EXIT_FAILED if report.failed else EXIT_OK)
+
+
+@click.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document; logs go to stderr.")
+@click.option(
+    "--diff", "show_diff", is_flag=True, help="Show a unified diff of every file changed."
+)
+@click.option(
+    "--lock-timeout",
+    type=float,
+    default=300,
+    show_default=True,
+    help="Seconds to wait for another run to finish.",
+)
+@click.pass_context
+def apply(
+    ctx: click.Context, config_path: Path, as_json: bool, show_diff: bool, lock_timeout: float
+) -> None:
+    """Converge this host to the config; a second run changes nothing."""
+    config = _load_or_exit(config_path)
+    require_root("apply")
+    report = _converge(config, check=False, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
+    if as_json:
+        click.echo(json.dumps(report.as_json()))
+    else:
+        if show_diff:
+            _print_diffs(report)
+        _print_summary(report)
+    _finish(report)
+
+
+@click.command()
+@config_option
+@click.option("--lock-timeout", type=float, default=300, show_default=True)
+@click.pass_context
+def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
+    """Show what apply would change, with diffs of the files; changes nothing."""
+    config = _load_or_exit(config_path)
+    require_root("plan")
+    report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
+    _print_diffs(report)
+    for step in report.steps:
+        for change in step.changes:
+            click.echo(f"{step.name}: would {change}")
+    _print_summary(report)
+    _finish(report)
+
+
+def _print_summary(report: RunReport) -> None:
+    for step in report.steps:
+        if step.error:
+            click.echo(f"{step.name}: FAILED: {redactor(step.error)}")
+    click.echo(report.recap())
