@@ -97,7 +97,7 @@ reliability: venv dist
 
 ## bench: performance figures (issue #6) into bench/results/ (root; ~6 min)
 bench: venv dist
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf dist .venv-build .pytest_cache .mypy_cache .ruff_cache

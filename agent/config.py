@@ -81,7 +81,12 @@ class DevpiConfig:
     server_version: str = DEFAULT_DEVPI_SERVER_VERSION
     web_version: str = DEFAULT_DEVPI_WEB_VERSION
     client_version: str = DEFAULT_DEVPI_CLIENT_VERSION
-    indexer: Indexer = "null"
+    # devpi-web's search. Whoosh stays small because the mirror's ~930k names are never listed.
+    indexer: Indexer = "whoosh"
+    # False: root/pypi asks PyPI per project and never downloads its list of every project name
+    # (11-14 s and ~350 MB after each start, and what Whoosh would index). True lists PyPI's
+    # projects in devpi-web and search, at that cost.
+    mirror_project_list: bool = False
     # True: users and indexes missing from the config are deleted from devpi (never root's).
     prune: bool = False
     # "auto": in place within a devpi-server major version, export and import across majors;
@@ -376,6 +381,7 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
         web_version=_version(table, "web_version", defaults.web_version),
         client_version=_version(table, "client_version", defaults.client_version),
         indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
+        mirror_project_list=table.get("mirror_project_list", bool, defaults.mirror_project_list),
         prune=table.get("prune", bool, defaults.prune),
         upgrade=_choice(table, "upgrade", ("auto", "export-import"), defaults.upgrade),  # type: ignore[arg-type]
         **_parse_replication(table),

@@ -24,6 +24,19 @@ class DevpiError(Exception):
 class RemoteIndex:
     name: str
     bases: tuple[str, ...]
+    type: str = "stage"
+    # A mirror's mirror_no_project_list: True when it asks upstream per project only.
+    no_project_list: bool = False
+
+
+# The PyPI mirror as devpi-init makes it, plus mirror_no_project_list (see DevpiConfig).
+PYPI_MIRROR_CONFIG: dict[str, Any] = {
+    "type": "mirror",
+    "title": "PyPI",
+    "mirror_url": "https://pypi.org/simple/",
+    "mirror_web_url_fmt": "https://pypi.org/project/{name}/",
+    "volatile": False,
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,12 @@ class DevpiApi:
         users: dict[str, RemoteUser] = {}
         for name, info in payload["result"].items():
             indexes = {
-                index: RemoteIndex(f"{name}/{index}", tuple(cfg.get("bases", ())))
+                index: RemoteIndex(
+                    f"{name}/{index}",
+                    tuple(cfg.get("bases", ())),
+                    cfg.get("type", "stage"),
+                    bool(cfg.get("mirror_no_project_list", False)),
+                )
                 for index, cfg in (info.get("indexes") or {}).items()
             }
             users[name] = RemoteUser(name, indexes)
@@ -100,6 +118,14 @@ class DevpiApi:
 
     def set_bases(self, user: str, index: str, bases: tuple[str, ...]) -> None:
         self.checked("PATCH", f"/{user}/{index}", {"bases": list(bases)})
+
+    def create_pypi_mirror(self, user: str, index: str, *, no_project_list: bool) -> None:
+        config = {**PYPI_MIRROR_CONFIG, "mirror_no_project_list": no_project_list}
+        self.checked("PUT", f"/{user}/{index}", config)
+
+    def set_no_project_list(self, user: str, index: str, no_project_list: bool) -> None:
+        # Not a GET first: a mirror's JSON lists every project it knows, ~930k names for PyPI.
+        self.checked("PATCH", f"/{user}/{index}", {"mirror_no_project_list": no_project_list})
 
     def delete_index(self, user: str, index: str) -> None:
         self.checked("DELETE", f"/{user}/{index}")

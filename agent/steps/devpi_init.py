@@ -85,6 +85,8 @@ def converge(ctx: Context) -> None:
                 str(CONFIG_FILE),
                 "--serverdir",
                 str(staging),
+                # devpi-users makes root/pypi, with the mirror options devpi-init cannot set.
+                *([] if replication.is_replica(ctx.config) else ["--no-root-pypi"]),
             ],
             user=devpi.user,
             cwd=str(devpi.home),

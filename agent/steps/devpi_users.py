@@ -20,11 +20,15 @@ from agent.steps.supervisor import devpi_api_answers
 NAME = "devpi-users"
 
 
+PYPI_MIRROR = ("root", "pypi")
+
+
 def converge(ctx: Context) -> None:
     if replication.is_replica(ctx.config):
         _report_replicated(ctx)
         return
     if ctx.check and not _reachable(ctx):
+        ctx.change(f"create the PyPI mirror {'/'.join(PYPI_MIRROR)} (devpi is not running yet)")
         for user in ctx.config.users:
             ctx.change(f"create devpi user {user.name} (devpi is not running yet)")
         for index in ctx.config.indexes:
@@ -86,6 +90,8 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
             )
         logged_in = True
 
+    _converge_mirror(ctx, api, remote, as_root)
+
     for user in ctx.config.users:
         if user.name not in remote:
             if ctx.change(f"create devpi user {user.name}"):
@@ -116,6 +122,32 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
 
     if ctx.config.devpi.prune:
         _prune(ctx, api, remote, as_root)
+
+
+def _converge_mirror(
+    ctx: Context, api: DevpiApi, remote: dict[str, RemoteUser], as_root: Callable[[], None]
+) -> None:
+    """root/pypi, which devpi-init is told not to make: made here with mirror_no_project_list
+    set from its first moment, since devpi fetches (and Whoosh indexes) PyPI's whole project
+    list as soon as a mirror without it exists. Earlier hosts' root/pypi gets the option set."""
+    user, index = PYPI_MIRROR
+    no_project_list = not ctx.config.devpi.mirror_project_list
+    owner = remote.get(user)
+    current = owner.indexes.get(index) if owner else None
+    if current is None:
+        wanted = f"project list: {'off' if no_project_list else 'on'}"
+        if ctx.change(f"create the PyPI mirror {user}/{index} ({wanted})"):
+            as_root()
+            api.create_pypi_mirror(user, index, no_project_list=no_project_list)
+            crashpoint("devpi-users:changed")
+    elif (
+        current.type == "mirror"
+        and current.no_project_list != no_project_list
+        and ctx.change(f"set mirror_no_project_list={no_project_list} on {user}/{index}")
+    ):
+        as_root()
+        api.set_no_project_list(user, index, no_project_list)
+        crashpoint("devpi-users:changed")
 
 
 def prune_plan(ctx: Context, remote: dict[str, RemoteUser]) -> tuple[list[str], list[str]]:

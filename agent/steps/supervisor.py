@@ -109,7 +109,7 @@ def _poll(ready: Callable[[], bool], timeout: float, message: str) -> None:
         if time.monotonic() > deadline:
             raise StepFailed(message)
         time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+        delay = min(delay * 1.5, 0.25)
 
 
 def wait_for_devpi(ctx: Context) -> None:
@@ -124,7 +124,7 @@ def wait_for_devpi(ctx: Context) -> None:
                 f"last lines of {LOG_DIR / 'devpi-server.log'}:\n{_log_tail(ctx)}"
             )
         time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+        delay = min(delay * 1.5, 0.25)
 
 
 def _log_tail(ctx: Context, lines: int = 20) -> str:
@@ -146,8 +146,12 @@ def program_content(ctx: Context) -> str:
 
 
 def warm_mirror(ctx: Context, timeout: float = 90) -> None:
-    """After a start, devpi's first PyPI lookup loads ~930k project names (10-14 s) and answers
-    404 meanwhile; take that hit here rather than in a user's first pip install."""
+    """With `devpi.mirror_project_list`, devpi's first PyPI lookup after a start loads ~930k
+    project names (10-14 s) and answers 404 meanwhile; take that hit here rather than in a
+    user's first pip install. Without it (the default) there is no list and nothing to wait for.
+    """
+    if not ctx.config.devpi.mirror_project_list:
+        return
     url = f"http://127.0.0.1:{ctx.config.devpi.port}/root/pypi/+simple/pip/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -103,7 +103,8 @@ def test_defaults() -> None:
         "devpi-web==5.1.1",
         "devpi-client==7.3.0",
     )
-    assert devpi.indexer == "null"
+    assert devpi.indexer == "whoosh"
+    assert devpi.mirror_project_list is False
     assert devpi.serverdir == Path("/var/lib/devpi/server")
     assert devpi.secretfile == Path("/var/lib/devpi/secret")
     assert config.apt.upgrade is False
@@ -123,7 +124,8 @@ def test_every_setting_can_be_given() -> None:
         server_version="6.21.0",
         web_version="5.2.0",
         client_version="7.4.0.post1",
-        indexer="whoosh",
+        indexer="null",
+        mirror_project_list=True,
     )
     data["apt"] = {"upgrade": True, "lock_timeout": 0}
     data["caddy"] = {"source": "official"}
@@ -132,7 +134,8 @@ def test_every_setting_can_be_given() -> None:
     assert config.server.caddy_admin == "127.0.0.1:2020"
     assert config.devpi.serverdir == Path("/srv/devpi/server")
     assert config.devpi.requirements[2] == "devpi-client==7.4.0.post1"
-    assert config.devpi.indexer == "whoosh"
+    assert config.devpi.indexer == "null"
+    assert config.devpi.mirror_project_list is True
     assert (config.apt.upgrade, config.apt.lock_timeout) == (True, 0)
     assert config.caddy.source == "official"
 
@@ -615,6 +618,7 @@ KNOWN_KEYS: dict[str, list[str]] = {
         "web_version",
         "client_version",
         "indexer",
+        "mirror_project_list",
     ],
     "apt": ["upgrade", "lock_timeout"],
     "caddy": ["source"],

@@ -322,10 +322,15 @@ def test_passwd_refuses(
 
 
 def remote(**users: dict[str, tuple[str, ...]]) -> dict[str, RemoteUser]:
+    """Users and their indexes as devpi lists them; root/pypi is the mirror the agent makes."""
+
+    def index(user: str, name: str, bases: tuple[str, ...]) -> RemoteIndex:
+        if (user, name) == ("root", "pypi"):
+            return RemoteIndex("root/pypi", (), "mirror", no_project_list=True)
+        return RemoteIndex(f"{user}/{name}", bases)
+
     return {
-        name: RemoteUser(
-            name, {i: RemoteIndex(f"{name}/{i}", bases) for i, bases in indexes.items()}
-        )
+        name: RemoteUser(name, {i: index(name, i, bases) for i, bases in indexes.items()})
         for name, indexes in users.items()
     }
 
@@ -347,6 +352,12 @@ class FakeApi:
 
     def delete_index(self, user: str, index: str) -> None:
         self.calls.append(("delete_index", f"{user}/{index}"))
+
+    def create_pypi_mirror(self, user: str, index: str, *, no_project_list: bool) -> None:
+        self.calls.append(("create_pypi_mirror", f"{user}/{index}", str(no_project_list)))
+
+    def set_no_project_list(self, user: str, index: str, no_project_list: bool) -> None:
+        self.calls.append(("set_no_project_list", f"{user}/{index}", str(no_project_list)))
 
     def delete_user(self, user: str) -> None:
         self.calls.append(("delete_user", user))
@@ -395,6 +406,66 @@ def test_prune_plans_then_deletes(tmp_path: Path) -> None:
         ("delete_index", "gone/base"),
         ("delete_user", "gone"),
     ]
+
+
+# --- root/pypi, the PyPI mirror ---------------------------------------------------------------
+
+
+def with_root_password(tmp_path: Path) -> None:
+    (tmp_path / "etc/devpi-agent").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "etc/devpi-agent/root.pass").write_text("root-password-1\n")
+
+
+def test_missing_mirror_is_made_without_a_project_list(tmp_path: Path) -> None:
+    with_root_password(tmp_path)
+    server = remote(root={}, devops={"pypi": ("root/pypi",)})
+    planned = make_ctx(tmp_path, config(), FakeRunner(), check=True)
+    api = FakeApi(server)
+    devpi_users._converge(planned, api)  # type: ignore[arg-type]
+    assert api.calls == []
+    assert planned.changes == ["create the PyPI mirror root/pypi (project list: off)"]
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    devpi_users._converge(ctx, api)  # type: ignore[arg-type]
+    assert api.calls == [("login", "root"), ("create_pypi_mirror", "root/pypi", "True")]
+
+
+def test_mirror_made_before_the_indexes_based_on_it(tmp_path: Path) -> None:
+    with_root_password(tmp_path)
+    api = FakeApi(remote(root={}))
+
+    def create_index(user: str, index: str, bases: tuple[str, ...]) -> None:
+        api.calls.append(("create_index", f"{user}/{index}"))
+
+    api.create_index = create_index  # type: ignore[attr-defined]
+    api.create_user = lambda user, password: api.calls.append(("create_user", user))  # type: ignore[attr-defined]
+    devpi_users._converge(make_ctx(tmp_path, config(), FakeRunner()), api)  # type: ignore[arg-type]
+    assert api.calls == [
+        ("login", "root"),
+        ("create_pypi_mirror", "root/pypi", "True"),
+        ("create_user", "devops"),
+        ("create_index", "devops/pypi"),
+    ]
+
+
+def test_an_earlier_hosts_mirror_gets_the_option_and_back(tmp_path: Path) -> None:
+    with_root_password(tmp_path)
+    listed = RemoteIndex("root/pypi", (), "mirror", no_project_list=False)
+    server = {**SERVER, "root": RemoteUser("root", {"pypi": listed})}
+    api = FakeApi(server)
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    devpi_users._converge(ctx, api)  # type: ignore[arg-type]
+    assert ctx.changes == ["set mirror_no_project_list=True on root/pypi"]
+    assert api.calls[-1] == ("set_no_project_list", "root/pypi", "True")
+
+    # Asked for, the project list comes back; a converged mirror is left alone.
+    api = FakeApi(SERVER)
+    ctx = make_ctx(tmp_path, config(devpi={"mirror_project_list": True}), FakeRunner())
+    devpi_users._converge(ctx, api)  # type: ignore[arg-type]
+    assert api.calls[-1] == ("set_no_project_list", "root/pypi", "False")
+    api = FakeApi(server)
+    ctx = make_ctx(tmp_path, config(devpi={"mirror_project_list": True}), FakeRunner())
+    devpi_users._converge(ctx, api)  # type: ignore[arg-type]
+    assert api.calls == [] and ctx.changes == []
 
 
 # --- the backup schedule ----------------------------------------------------------------------

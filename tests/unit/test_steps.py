@@ -543,6 +543,7 @@ def test_devpi_init_fresh(tmp_path: Path) -> None:
         "/etc/devpi-server/devpi-server.yml",
         "--serverdir",
         "/var/lib/devpi/server.init",
+        "--no-root-pypi",
     )
     for call in (gen, init):
         assert call.user == "devpi"
