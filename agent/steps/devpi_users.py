@@ -1,4 +1,5 @@
-"""devpi users and indexes through devpi's HTTP API (no password ever in argv).
+"""devpi users and indexes, and the PyPI mirror root/pypi, through devpi's HTTP API (no password
+ever in argv).
 
 Missing users and indexes are created, a password that no longer logs in is set, bases that
 differ are updated. Nothing is deleted unless `devpi.prune` is true; then users and indexes the

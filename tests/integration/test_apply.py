@@ -6,6 +6,8 @@ One host is converged once per module; the tests then each check one thing a use
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +167,31 @@ def test_twine_upload_then_pip_and_uv_install(converged: Converged) -> None:
     uv = uv_install(site, home, work / "uv-target", f"{PACKAGE}==1.0.0")
     assert uv.returncode == 0, uv.stdout + uv.stderr
     assert (work / "uv-target" / "devpi_agent_canary" / "__init__.py").exists()
+
+
+def test_search_finds_uploads_and_the_mirror_holds_no_pypi_list(converged: Converged) -> None:
+    """Whoosh search by default, cheap because root/pypi never loads PyPI's ~930k names."""
+    site, work = converged.site, converged.workdir
+    home = work / "search-home"
+    home.mkdir()
+    name = "devpi-agent-search-probe"
+    upload = twine_upload(site, build_wheel(work, name, "1.0.0"), home)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    auth = (site.user, site.password)
+    deadline = time.monotonic() + 60  # devpi-web indexes in a background thread
+    while True:
+        status, page = http_get(site, "/+search?query=search-probe", auth=auth)
+        if (status == 200 and name in page) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert status == 200 and name in page, page[-2000:]
+
+    status, body = http_get(site, "/root/pypi", auth=auth, accept="application/json")
+    assert status == 200, body[-500:]
+    mirror = json.loads(body)["result"]
+    assert mirror["type"] == "mirror"
+    assert mirror["mirror_no_project_list"] is True
+    assert len(mirror.get("projects", [])) < 1000, "root/pypi loaded PyPI's project list"
 
 
 def test_wrong_password_upload_is_refused(converged: Converged) -> None:
