@@ -259,12 +259,17 @@ def _version(table: _Table, name: str, default: str) -> str:
     return value
 
 
-def _check_domain(key: str, domain: str) -> None:
+def is_ip_address(name: str) -> bool:
     try:
-        ipaddress.ip_address(domain)
-        return
+        ipaddress.ip_address(name)
     except ValueError:
-        pass
+        return False
+    return True
+
+
+def _check_domain(key: str, domain: str) -> None:
+    if is_ip_address(domain):
+        return
     labels = domain.rstrip(".").split(".")
     if len(domain) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
         raise ConfigError(key, f"{domain!r} is neither a DNS name nor an IP address")
@@ -281,15 +286,11 @@ def _parse_server(table: _Table) -> ServerConfig:
     email: str | None = table.get("acme_email", str, None)
     if email is not None and not _EMAIL.fullmatch(email):
         raise ConfigError(table.path("acme_email"), f"{email!r} is not an e-mail address")
-    if tls == "acme":
-        try:
-            ipaddress.ip_address(domain)
-            raise ConfigError(
-                table.path("tls"),
-                f'"acme" needs a DNS name, not the IP address {domain}; use tls = "internal"',
-            )
-        except ValueError:
-            pass
+    if tls == "acme" and is_ip_address(domain):
+        raise ConfigError(
+            table.path("tls"),
+            f'"acme" needs a DNS name, not the IP address {domain}; use tls = "internal"',
+        )
     admin: str = table.get("caddy_admin", str, "localhost:2019")
     match = _HOST_PORT.fullmatch(admin)
     if not match or not 1 <= int(match["port"]) <= 65535:
@@ -489,18 +490,23 @@ def _primary_url(key: str, table: _Table) -> str:
     return url.rstrip("/")
 
 
+def _read_bytes(key: str, path: Path, what: str) -> bytes:
+    """A file the config names, or a ConfigError saying why it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key, f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(key, f"{what} {path} is not readable") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"{what} {path} is a directory") from None
+    except (OSError, ValueError) as error:
+        raise ConfigError(key, f"{what} {path} cannot be read: {error}") from None
+
+
 def read_secret_file(key: str, path: Path) -> bytes:
     """devpi's signing secret, shared by a primary and its replicas; used byte for byte."""
-    try:
-        secret = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(key, f"secret file {path} does not exist") from None
-    except PermissionError:
-        raise ConfigError(key, f"secret file {path} is not readable") from None
-    except IsADirectoryError:
-        raise ConfigError(key, f"secret file {path} is a directory") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(key, f"secret file {path} cannot be read: {error}") from None
+    secret = _read_bytes(key, path, "secret file")
     if len(secret) < MIN_SECRET_BYTES or len(set(secret)) < MIN_SECRET_DISTINCT_BYTES:
         raise ConfigError(
             key,
@@ -563,16 +569,7 @@ def _check_password(key: str, password: str) -> None:
 
 def read_password_file(key: str, path: Path) -> str:
     """A password file holds the password on its first line; a trailing newline is ignored."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(key, f"password file {path} does not exist") from None
-    except PermissionError:
-        raise ConfigError(key, f"password file {path} is not readable") from None
-    except IsADirectoryError:
-        raise ConfigError(key, f"password file {path} is a directory") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(key, f"password file {path} cannot be read: {error}") from None
+    raw = _read_bytes(key, path, "password file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import pwd
 import re
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 import bcrypt
 
 from agent import replication, tls
+from agent.config import is_ip_address
 from agent.crashpoint import crashpoint
 from agent.facts import caddy_version
 from agent.files import render
@@ -115,7 +115,7 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         admin=server.caddy_admin,
         # A client sends no SNI for an IP address; Caddy then needs to be told which
         # certificate is the site's, or it answers with a TLS alert behind NAT.
-        default_sni=server.domain if _is_ip(server.domain) else None,
+        default_sni=server.domain if is_ip_address(server.domain) else None,
         http_port=server.http_port,
         https_port=server.https_port,
         tls=server.tls,
@@ -134,14 +134,6 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         replica_addresses=ctx.config.devpi.replica_addresses,
         primary_host=replication.primary_host(ctx.config),
     )
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def caddy_home() -> str:
