@@ -388,6 +388,7 @@ def devpi_rss(host: NspawnHost, minutes: float, site: Site) -> dict[str, Any]:
     peak_kb = idle_kb
     stop = threading.Event()
     errors: list[str] = []
+    site_auth = (site.user, site.password)
 
     def traffic() -> None:
         i = 0
@@ -399,7 +400,6 @@ def devpi_rss(host: NspawnHost, minutes: float, site: Site) -> dict[str, Any]:
             i += 1
             stop.wait(1)
 
-    site_auth = (site.user, site.password)
     worker = threading.Thread(target=traffic, daemon=True)
     worker.start()
     deadline = time.monotonic() + minutes * 60
