@@ -101,12 +101,15 @@ def devpi_json(port: int, path: str = "/", body: Any = None) -> tuple[int, Any]:
 
 
 # Runs inside the host: every file under /etc with type, mode, owner and a digest of its
-# content, ports replaced by their names and bcrypt hashes by a placeholder (salts differ).
+# content, bcrypt hashes replaced by a placeholder (salts differ) and, in the files the agent
+# writes, ports by their names. Only there: a random port can equal a number in a stock file
+# (adduser.conf's LAST_UID=59999 did once).
 _ETC_SCRIPT = r"""
 import hashlib, json, os, re, stat, sys, pwd, grp
 ports = json.loads(sys.argv[1])
 skip = set(json.loads(sys.argv[2]))
 meta_only = set(json.loads(sys.argv[3]))
+port_bearing = tuple(json.loads(sys.argv[4]))
 bcrypt_hash = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 out = {}
 for top in ("/etc",):
@@ -124,8 +127,10 @@ for top in ("/etc",):
             elif stat.S_ISREG(st.st_mode) and path not in meta_only:
                 data = open(path, "rb").read()
                 data = bcrypt_hash.sub(b"<bcrypt>", data)
-                for label, port in sorted(ports.items(), key=lambda kv: -len(str(kv[1]))):
-                    data = data.replace(str(port).encode(), f"<{label}>".encode())
+                if path.startswith(port_bearing):
+                    for label, port in ports.items():
+                        number = re.compile(rb"(?<![0-9])%d(?![0-9])" % port)
+                        data = number.sub(f"<{label}>".encode(), data)
                 meta += " " + hashlib.sha256(data).hexdigest()[:16]
             out[path] = meta
 print(json.dumps(out))
@@ -135,6 +140,14 @@ print(json.dumps(out))
 ETC_SKIP = ("/etc/hostname", "/etc/machine-id", "/etc/resolv.conf", "/etc/.pwd.lock")
 # Files whose content is random per host: only their type, mode and owner are compared.
 ETC_META_ONLY = ("/etc/devpi-agent/root.pass",)
+# Where the agent (or the test, for the config) writes ports.
+ETC_PORT_BEARING = (
+    "/etc/caddy/",
+    "/etc/devpi-agent/",
+    "/etc/devpi-server/",
+    "/etc/supervisor/conf.d/",
+    "/etc/systemd/system/devpi-agent",
+)
 
 
 def fingerprint(
@@ -155,6 +168,7 @@ def fingerprint(
                 json.dumps(port_map),
                 json.dumps(ETC_SKIP),
                 json.dumps(ETC_META_ONLY),
+                json.dumps(ETC_PORT_BEARING),
             ]
         )
     )
