@@ -32,6 +32,27 @@ CaddySource = Literal["distro", "official"]
 Indexer = Literal["null", "whoosh"]
 UpgradeMode = Literal["auto", "export-import"]
 Role = Literal["standalone", "primary", "replica"]
+KeyDerivation = Literal["rfc9106-low-memory", "devpi"]
+
+
+@dataclass(frozen=True)
+class Argon2Cost:
+    """argon2id's cost, as devpi-server's --argon2-* options take it."""
+
+    memory_kib: int
+    time_cost: int
+    parallelism: int
+
+
+# devpi-server derives its login-token and replication keys from its secret with argon2id, at
+# every start. devpi's own cost (512 MiB, 16 passes, 8 lanes) took 4 s and a 512 MiB spike on
+# the recipe's 2-core, 2 GB box. The secret is random (devpi-gen-secret, or a file at least
+# devpi's minimum), not a password, so RFC 9106's second recommended option, meant for
+# memory-constrained machines, is the default.
+KEY_DERIVATION_COSTS: dict[str, Argon2Cost | None] = {
+    "rfc9106-low-memory": Argon2Cost(memory_kib=64 * 1024, time_cost=3, parallelism=4),
+    "devpi": None,  # devpi-server's own defaults, no options passed
+}
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -87,6 +108,9 @@ class DevpiConfig:
     # (11-14 s and ~350 MB after each start, and what Whoosh would index). True lists PyPI's
     # projects in devpi-web and search, at that cost.
     mirror_project_list: bool = False
+    # The argon2id cost of devpi's key derivation (KEY_DERIVATION_COSTS). A primary and its
+    # replicas must use the same, or replication fails to authenticate.
+    key_derivation: KeyDerivation = "rfc9106-low-memory"
     # True: users and indexes missing from the config are deleted from devpi (never root's).
     prune: bool = False
     # "auto": in place within a devpi-server major version, export and import across majors;
@@ -110,6 +134,11 @@ class DevpiConfig:
     @property
     def secretfile(self) -> Path:
         return self.home / "secret"
+
+    @property
+    def argon2_cost(self) -> Argon2Cost | None:
+        """None: devpi-server's own defaults."""
+        return KEY_DERIVATION_COSTS[self.key_derivation]
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -383,6 +412,9 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
         client_version=_version(table, "client_version", defaults.client_version),
         indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
         mirror_project_list=table.get("mirror_project_list", bool, defaults.mirror_project_list),
+        key_derivation=_choice(
+            table, "key_derivation", tuple(KEY_DERIVATION_COSTS), defaults.key_derivation
+        ),  # type: ignore[arg-type]
         prune=table.get("prune", bool, defaults.prune),
         upgrade=_choice(table, "upgrade", ("auto", "export-import"), defaults.upgrade),  # type: ignore[arg-type]
         **_parse_replication(table),

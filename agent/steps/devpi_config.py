@@ -23,6 +23,7 @@ def content(ctx: Context) -> str:
         port=devpi.port,
         outside_url=ctx.config.server.outside_url,
         indexer=devpi.indexer,
+        argon2=devpi.argon2_cost,
         role=devpi.role,
         primary_url=devpi.primary_url,
     )

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config as cfg
-from agent.config import ConfigError, load, parse
+from agent.config import Argon2Cost, ConfigError, load, parse
 
 Mutator = Callable[[dict[str, Any]], None]
 
@@ -105,6 +105,8 @@ def test_defaults() -> None:
     )
     assert devpi.indexer == "whoosh"
     assert devpi.mirror_project_list is False
+    assert devpi.key_derivation == "rfc9106-low-memory"
+    assert devpi.argon2_cost == Argon2Cost(memory_kib=65536, time_cost=3, parallelism=4)
     assert devpi.serverdir == Path("/var/lib/devpi/server")
     assert devpi.secretfile == Path("/var/lib/devpi/secret")
     assert config.apt.upgrade is False
@@ -126,6 +128,7 @@ def test_every_setting_can_be_given() -> None:
         client_version="7.4.0.post1",
         indexer="null",
         mirror_project_list=True,
+        key_derivation="devpi",
     )
     data["apt"] = {"upgrade": True, "lock_timeout": 0}
     data["caddy"] = {"source": "official"}
@@ -136,6 +139,8 @@ def test_every_setting_can_be_given() -> None:
     assert config.devpi.requirements[2] == "devpi-client==7.4.0.post1"
     assert config.devpi.indexer == "null"
     assert config.devpi.mirror_project_list is True
+    assert config.devpi.key_derivation == "devpi"
+    assert config.devpi.argon2_cost is None
     assert (config.apt.upgrade, config.apt.lock_timeout) == (True, 0)
     assert config.caddy.source == "official"
 
@@ -294,6 +299,7 @@ ERROR_CASES: list[tuple[str, Mutator, str]] = [
     ("relative devpi.home", _set("devpi", "home", "var/lib/devpi"), "devpi.home"),
     ("bad server_version", _set("devpi", "server_version", "latest"), "devpi.server_version"),
     ("indexer not null/whoosh", _set("devpi", "indexer", "solr"), "devpi.indexer"),
+    ("unknown key_derivation", _set("devpi", "key_derivation", "none"), "devpi.key_derivation"),
     ("caddy.source", _set("caddy", "source", "github"), "caddy.source"),
     # [[users]]
     ("no users", _users(), "users"),
@@ -619,6 +625,7 @@ KNOWN_KEYS: dict[str, list[str]] = {
         "client_version",
         "indexer",
         "mirror_project_list",
+        "key_derivation",
     ],
     "apt": ["upgrade", "lock_timeout"],
     "caddy": ["source"],

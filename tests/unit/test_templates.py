@@ -46,7 +46,13 @@ def internal_config() -> Config:
         "tls": "internal",
         "caddy_admin": "127.0.0.1:2019",
     }
-    data["devpi"] = {"port": 3141, "indexer": "whoosh", "home": "/srv/devpi", "user": "pypi"}
+    data["devpi"] = {
+        "port": 3141,
+        "indexer": "whoosh",
+        "home": "/srv/devpi",
+        "user": "pypi",
+        "key_derivation": "devpi",
+    }
     data["users"].append({"name": "ci", "password": CI_PASSWORD})
     return parse(data)
 
@@ -183,6 +189,15 @@ def test_devpi_server_yml_values(tmp_path: Path) -> None:
     assert "  outside-url: https://pypi.internal.example:8443\n" in text
     assert "  restrict-modify: root\n" in text
     assert "  indexer-backend: whoosh\n" in text
+    # key_derivation = "devpi": devpi-server's own argon2 cost, so no option is written.
+    assert "argon2-" not in text
+
+
+def test_devpi_server_yml_argon2_cost_by_default(tmp_path: Path) -> None:
+    text = devpi_config.content(ctx_for(tmp_path, acme_config()))
+    assert "  argon2-memory-cost: 65536\n" in text
+    assert "  argon2-time-cost: 3\n" in text
+    assert "  argon2-parallelism: 4\n" in text
 
 
 def test_supervisor_program_golden_reference(tmp_path: Path) -> None:
