@@ -115,13 +115,26 @@ def through_caddy(
 # --- the checks -------------------------------------------------------------------------------
 
 
+def supervisor_verdict(state: str | None, answers: bool) -> Check:
+    """supervisord's state of devpi-server. STARTING lasts startsecs (5 s) after a start, while
+    devpi itself answers within about a second, so a verify right after an apply sees it:
+    STARTING and answering is a devpi that has come up."""
+    if state == "RUNNING":
+        return passed("supervisor", f"supervisord runs program {DEVPI_PROGRAM} (RUNNING)")
+    if state == "STARTING" and answers:
+        return passed(
+            "supervisor",
+            f"supervisord runs program {DEVPI_PROGRAM} (STARTING: just started, and answering)",
+        )
+    return failed("supervisor", f"supervisord runs, but program {DEVPI_PROGRAM} is {state}")
+
+
 def check_supervisor(ctx: Context) -> Check:
     if not supervisord_answers(ctx):
         return failed("supervisor", "supervisord does not answer on its socket")
     state = program_state(ctx, DEVPI_PROGRAM)
-    if state != "RUNNING":
-        return failed("supervisor", f"supervisord runs, but program {DEVPI_PROGRAM} is {state}")
-    return passed("supervisor", f"supervisord runs program {DEVPI_PROGRAM} (RUNNING)")
+    answers = state == "STARTING" and devpi_api_answers(ctx.config.devpi.port)
+    return supervisor_verdict(state, answers)
 
 
 def check_devpi(ctx: Context) -> Check:

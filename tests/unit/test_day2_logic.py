@@ -109,6 +109,17 @@ def test_loopback_verdicts() -> None:
     assert not nothing.ok and "nothing listens on port 4040" in nothing.detail
 
 
+def test_supervisor_verdicts() -> None:
+    assert verify.supervisor_verdict("RUNNING", answers=False).ok
+    # Right after an apply: supervisord's startsecs have not passed, devpi already answers.
+    just_started = verify.supervisor_verdict("STARTING", answers=True)
+    assert just_started.ok and "STARTING" in just_started.detail
+    assert not verify.supervisor_verdict("STARTING", answers=False).ok
+    for state in ("BACKOFF", "FATAL", "STOPPED", "EXITED", None):
+        verdict = verify.supervisor_verdict(state, answers=True)
+        assert not verdict.ok and f"is {state}" in verdict.detail
+
+
 def test_file_verdicts(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("x")
