@@ -110,6 +110,10 @@ ports = json.loads(sys.argv[1])
 skip = set(json.loads(sys.argv[2]))
 meta_only = set(json.loads(sys.argv[3]))
 port_bearing = tuple(json.loads(sys.argv[4]))
+port_numbers = [
+    (re.compile(rb"(?<![0-9])%d(?![0-9])" % port), f"<{label}>".encode())
+    for label, port in ports.items()
+]
 bcrypt_hash = re.compile(rb"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 out = {}
 for top in ("/etc",):
@@ -128,9 +132,8 @@ for top in ("/etc",):
                 data = open(path, "rb").read()
                 data = bcrypt_hash.sub(b"<bcrypt>", data)
                 if path.startswith(port_bearing):
-                    for label, port in ports.items():
-                        number = re.compile(rb"(?<![0-9])%d(?![0-9])" % port)
-                        data = number.sub(f"<{label}>".encode(), data)
+                    for number, placeholder in port_numbers:
+                        data = number.sub(placeholder, data)
                 meta += " " + hashlib.sha256(data).hexdigest()[:16]
             out[path] = meta
 print(json.dumps(out))
