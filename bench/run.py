@@ -95,8 +95,6 @@ def first_vs_floor(rootfs: Path, rounds: int) -> tuple[dict[str, Any], NspawnHos
     and the figures are medians over the rounds. The last first apply's host stays up."""
     pairs: list[tuple[float, dict[str, Any]]] = []
     step_runs: dict[str, list[float]] = {}
-    # What the first apply spends beyond its own apt and venv steps (the floor's work).
-    beyond: list[float] = []
     host: NspawnHost | None = None
     ports: Ports | None = None
     for number in range(rounds):
@@ -108,12 +106,16 @@ def first_vs_floor(rootfs: Path, rounds: int) -> tuple[dict[str, Any], NspawnHos
         seconds, steps, host, ports = first_apply(rootfs)
         for name, value in steps.items():
             step_runs.setdefault(name, []).append(value)
-        beyond.append(seconds - steps["apt"] - steps["venv"])
         pairs.append((seconds, measured_floor or floor(rootfs)))
         log(f"round {number + 1}: first apply / floor = {seconds / pairs[-1][1]['floor_s']:.2f}")
     assert host is not None and ports is not None
     firsts = [seconds for seconds, _ in pairs]
     floors = [f["floor_s"] for _, f in pairs]
+    # What each first apply spent beyond its own apt and venv steps (the floor's work).
+    beyond = [
+        first - apt - venv
+        for first, apt, venv in zip(firsts, step_runs["apt"], step_runs["venv"], strict=True)
+    ]
     return (
         {
             "rounds": rounds,
