@@ -142,7 +142,7 @@ def check_host_support() -> list[str]:
         problems.append(
             "missing tools: "
             + ", ".join(missing)
-            + " (apt-get install mmdebstrap systemd-container util-linux coreutils)"
+            + " (sudo make prereqs, or sudo tools/install-prereqs.sh, installs them)"
         )
     return problems
 
@@ -150,7 +150,7 @@ def check_host_support() -> list[str]:
 def _tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise HostError(f"{name} not found in PATH")
+        raise HostError(f"{name} not found in PATH (sudo make prereqs installs it)")
     return path
 
 
