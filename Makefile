@@ -33,7 +33,7 @@ release: dist
 	cat dist/SHA256SUMS
 
 ## cloud-init.yaml: regenerate the committed user-data from units/cloud-init.yaml.j2
-$(CLOUD_INIT_YAML): units/cloud-init.yaml.j2 agent/userdata.py | venv
+$(CLOUD_INIT_YAML): units/cloud-init.yaml.j2 agent/commands/userdata.py | venv
 	$(PY) -m agent user-data --placeholders --agent-url '$(AGENT_URL)' > $@.tmp
 	mv $@.tmp $@
 

@@ -101,7 +101,7 @@ build() {
         --lock pex.lock \
         "${PLATFORMS[@]}" \
         --sources-directory "$STAGE/src" \
-        --entry-point agent.cli:main \
+        --entry-point agent.commands.cli:main \
         --venv \
         --python-shebang /usr/bin/python3 \
         --no-sh-boot \

@@ -174,7 +174,7 @@ def render(results: dict[str, Any]) -> str:
             "## Where the agent was killed",
             "",
             "One host, one kill per run, each re-run getting further (`DEVPI_AGENT_CRASH_AT`, a",
-            "test hook: `agent/crashpoint.py`). `<step>:before/after` are step boundaries;",
+            "test hook: `agent/core/crashpoint.py`). `<step>:before/after` are step boundaries;",
             "`run:<command>~<text>` kills while that command runs, at its first output line",
             "containing the text (apt-get unpacking and configuring, pip downloading and",
             "installing, devpi-init); `+N s` kills N seconds after the point, the run going on",

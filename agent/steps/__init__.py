@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from agent.core.context import Context, Step, StepFailed
 from agent.steps import (
     apt,
     backup,
@@ -15,7 +16,6 @@ from agent.steps import (
     upgrade,
     venv,
 )
-from agent.steps.base import Context, Step, StepFailed
 
 STEPS: tuple[Step, ...] = tuple(
     Step(module.NAME, module.converge, (module.__doc__ or "").strip().splitlines()[0])

@@ -13,10 +13,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agent.facts import installed_packages
-from agent.files import render
-from agent.runner import CommandFailed
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.core.files import render
+from agent.core.runner import CommandFailed
+from agent.facts.system import installed_packages
 
 NAME = "apt"
 # openssl makes the replication CA and certificates (replica_pki.py).

@@ -15,11 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from agent.config import DEFAULT_CONFIG_PATH
-from agent.facts import installed_packages
-from agent.files import render
+from agent.core.config import DEFAULT_CONFIG_PATH
+from agent.core.context import Context, StepFailed
+from agent.core.files import render
+from agent.facts.system import installed_packages
 from agent.steps.apt import APT_ENV, apt_options, services_held
-from agent.steps.base import Context, StepFailed
 from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
 
 NAME = "backup"

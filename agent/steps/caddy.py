@@ -18,13 +18,13 @@ from pathlib import Path
 
 import bcrypt
 
-from agent import replication, tls
-from agent.config import is_ip_address
-from agent.crashpoint import crashpoint
-from agent.facts import caddy_version
-from agent.files import render
-from agent.runner import Result
-from agent.steps.base import STATE_DIR, Context, StepFailed
+from agent.core.config import is_ip_address
+from agent.core.context import STATE_DIR, Context, StepFailed
+from agent.core.crashpoint import crashpoint
+from agent.core.files import render
+from agent.core.runner import Result
+from agent.facts.system import caddy_version
+from agent.host import replication, tls
 from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
 
 NAME = "caddy"

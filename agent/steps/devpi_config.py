@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent import replication
-from agent.crashpoint import crashpoint
-from agent.files import render
-from agent.steps.base import Context
+from agent.core.context import Context
+from agent.core.crashpoint import crashpoint
+from agent.core.files import render
+from agent.host import replication
 
 NAME = "devpi-config"
 CONFIG_DIR = Path("/etc/devpi-server")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import secrets
 import shutil
 
-from agent import replication
-from agent.config import ConfigError, read_password_file
-from agent.crashpoint import crashpoint
-from agent.log import redactor
-from agent.steps.base import Context, StepFailed
+from agent.core.config import ConfigError, read_password_file
+from agent.core.context import Context, StepFailed
+from agent.core.crashpoint import crashpoint
+from agent.core.log import redactor
+from agent.host import replication
 from agent.steps.devpi_config import CONFIG_FILE
 
 NAME = "devpi-init"

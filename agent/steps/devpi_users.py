@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agent import replication
-from agent.crashpoint import crashpoint
-from agent.devpi_api import DevpiApi, DevpiError, RemoteUser
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.core.crashpoint import crashpoint
+from agent.host import replication
+from agent.host.devpi_api import DevpiApi, DevpiError, RemoteUser
 from agent.steps.devpi_init import root_password
 from agent.steps.supervisor import devpi_api_answers
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pwd
 
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
 
 NAME = "service-user"
 

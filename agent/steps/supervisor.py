@@ -12,11 +12,12 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import replication, supervisor_rpc
-from agent.crashpoint import crashpoint
-from agent.files import render
-from agent.runner import Result
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.core.crashpoint import crashpoint
+from agent.core.files import render
+from agent.core.runner import Result
+from agent.facts import supervisor as supervisor_rpc
+from agent.host import replication
 from agent.steps.devpi_config import CONFIG_FILE
 
 NAME = "supervisor"

@@ -17,10 +17,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent import replication, tls
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.host import replication, tls
+from agent.host.x509 import Address, Certificate
 from agent.steps.caddy import CADDYFILE, RELOAD_PENDING
-from agent.x509 import Address, Certificate
 
 NAME = "tls"
 EXPIRY_WARNING_DAYS = 14

@@ -19,8 +19,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.devpi_api import DevpiApi
-from agent.devpi_data import (
+from agent.core.context import STATE_DIR, Context, StepFailed
+from agent.core.runner import CommandFailed
+from agent.host.devpi_api import DevpiApi
+from agent.host.devpi_data import (
     describe_missing,
     export_inventory,
     export_to,
@@ -33,9 +35,7 @@ from agent.devpi_data import (
     stop_devpi,
     timestamp,
 )
-from agent.runner import CommandFailed
 from agent.steps import venv as venv_step
-from agent.steps.base import STATE_DIR, Context, StepFailed
 from agent.steps.supervisor import RESTART_PENDING, warm_mirror
 
 NAME = "devpi-upgrade"

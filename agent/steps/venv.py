@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent.crashpoint import crashpoint
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.core.crashpoint import crashpoint
 
 NAME = "venv"
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -234,7 +234,7 @@ def test_no_password_anywhere(converged: Converged) -> None:
         + converged.first.stderr
         + converged.second.stdout
         + converged.second.stderr,
-        "agent log": host.path("/var/log/devpi-agent/agent.log").read_text(),
+        "agent log": host.path("/var/log/devpi-agent/agent.core.log").read_text(),
         "supervisor logs": "".join(
             p.read_text(errors="replace") for p in host.path("/var/log/supervisor").glob("*")
         ),

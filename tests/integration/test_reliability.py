@@ -66,7 +66,7 @@ T = TypeVar("T")
 ROTATED_PASSWORD = "canary-Rot-4d8e2b6a9c"
 WRONG_ROOT_PASSWORD = "canary-WrongRoot-5e1f0a"
 ROOT_PASS = "/etc/devpi-agent/root.pass"
-AGENT_LOG = "/var/log/devpi-agent/agent.log"
+AGENT_LOG = "/var/log/devpi-agent/agent.core.log"
 CRASH_AT = "DEVPI_AGENT_CRASH_AT"
 KILLED = -9  # nsenter passes on the agent's SIGKILL
 

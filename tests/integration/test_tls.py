@@ -45,7 +45,7 @@ from tlstools import (
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # verify (#4) uses the agent's own served_certificate()
-from agent.tls import CertInfo, served_certificate  # noqa: E402
+from agent.host.tls import CertInfo, served_certificate  # noqa: E402
 
 DOMAIN = "pypi.devpi-agent.test"
 ELSEWHERE = "elsewhere.devpi-agent.test"

@@ -26,12 +26,12 @@ if str(REPO_ROOT) not in sys.path:
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
     set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "devpi-agent-unit-hypothesis")
 
-from agent import config as agent_config  # noqa: E402
-from agent.config import Config  # noqa: E402
-from agent.facts import OsRelease  # noqa: E402
-from agent.files import Files  # noqa: E402
-from agent.runner import CommandFailed, Result  # noqa: E402
-from agent.steps.base import Context  # noqa: E402
+from agent.core import config as agent_config  # noqa: E402
+from agent.core.config import Config  # noqa: E402
+from agent.core.context import Context  # noqa: E402
+from agent.core.files import Files  # noqa: E402
+from agent.core.runner import CommandFailed, Result  # noqa: E402
+from agent.facts.system import OsRelease  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
@@ -129,7 +129,7 @@ def program(name: str) -> Callable[[Call], bool]:
 
 @dataclass
 class FakeRunner:
-    """Implements agent.runner.Runner: records calls, answers from rules (first match wins).
+    """Implements agent.core.runner.Runner: records calls, answers from rules (first match wins).
 
     A rule is (argv-prefix or predicate, Result or callable(Call) -> Result); unmatched commands
     succeed with empty output. check=True and a non-zero rc raise CommandFailed, as ShRunner does.
@@ -247,10 +247,10 @@ def assert_golden(name: str, text: str) -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    """Undo agent.log.configure(): structlog defaults back, the agent log file closed."""
+    """Undo agent.core.log.configure(): structlog defaults back, the agent log file closed."""
     import structlog
 
-    from agent import log
+    from agent.core import log
 
     yield
     if log.agent_log.stream is not None:

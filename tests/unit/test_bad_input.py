@@ -20,8 +20,9 @@ from conftest import REPO_ROOT, reference_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import cli, converge_cli
-from agent.config import BCRYPT_MAX_PASSWORD_BYTES
+from agent.commands import cli
+from agent.commands import converge as converge_cli
+from agent.core.config import BCRYPT_MAX_PASSWORD_BYTES
 
 RESULTS = REPO_ROOT / "test-artifacts" / "reliability.json"
 REJECTED: dict[str, int] = {"hand-written": 0, "generated": 0}

@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import REFERENCE_TOML
 
-from agent import __version__, cli, converge_cli
+from agent import __version__
+from agent.commands import cli
+from agent.commands import converge as converge_cli
 
 
 @pytest.fixture(autouse=True)

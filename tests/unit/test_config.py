@@ -1,4 +1,4 @@
-"""agent.config: every invalid setting raises ConfigError naming the exact key."""
+"""agent.core.config: every invalid setting raises ConfigError naming the exact key."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import REFERENCE_TOML, reference_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import config as cfg
-from agent.config import Argon2Cost, ConfigError, load, parse
+from agent.core import config as cfg
+from agent.core.config import Argon2Cost, ConfigError, load, parse
 
 Mutator = Callable[[dict[str, Any]], None]
 

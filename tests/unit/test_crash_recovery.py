@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result
 
-from agent import crashpoint as crash
-from agent.config import parse
-from agent.engine import run_steps
-from agent.files import render
-from agent.runner import Result
+from agent.core import crashpoint as crash
+from agent.core.config import parse
+from agent.core.engine import run_steps
+from agent.core.files import render
+from agent.core.runner import Result
 from agent.steps import Step, StepFailed, apt, caddy, devpi_config, supervisor, venv
 
 
@@ -83,7 +83,7 @@ def test_hook_matches_command_output(monkeypatch: pytest.MonkeyPatch) -> None:
 
 _VICTIM = """
 import subprocess, sys
-from agent.crashpoint import crashpoint
+from agent.core.crashpoint import crashpoint
 child = subprocess.Popen(
     ["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True
 )
@@ -124,7 +124,7 @@ def test_hook_kills_the_agent_and_everything_it_started() -> None:
 
 def test_hook_with_a_delay_lets_the_run_go_on_then_kills_it() -> None:
     script = (
-        "import time\nfrom agent.crashpoint import crashpoint\n"
+        "import time\nfrom agent.core.crashpoint import crashpoint\n"
         "crashpoint('venv:created')\nprint('went on', flush=True)\n"
         "crashpoint('venv:created')\ntime.sleep(30)\nprint('survived', flush=True)\n"
     )

@@ -17,16 +17,17 @@ import pytest
 from click.testing import CliRunner
 from conftest import Call, FakeRunner, make_ctx, program, reference_data, result
 
-from agent import backup as backup_command
-from agent import client_config, devpi_data, passwd, verify
-from agent.config import Config, ConfigError, parse
-from agent.devpi_api import RemoteIndex, RemoteUser
-from agent.runner import Result
+from agent.commands import backup as backup_command
+from agent.commands import client_config, passwd, verify
+from agent.core.config import Config, ConfigError, parse
+from agent.core.context import StepFailed
+from agent.core.runner import Result
+from agent.host import devpi_data
+from agent.host.devpi_api import RemoteIndex, RemoteUser
+from agent.host.tls import CertInfo
 from agent.steps import backup as backup_step
 from agent.steps import devpi_users, upgrade
 from agent.steps import venv as venv_step
-from agent.steps.base import StepFailed
-from agent.tls import CertInfo
 
 
 def config(**tables: dict[str, Any]) -> Config:
@@ -277,7 +278,7 @@ def passwd_config(tmp_path: Path, inline: bool = False) -> Path:
 
 @pytest.fixture
 def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.command_support.os.geteuid", lambda: 0)
+    monkeypatch.setattr("agent.commands.support.os.geteuid", lambda: 0)
 
 
 @pytest.mark.usefixtures("as_root")

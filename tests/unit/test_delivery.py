@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-from agent.userdata import DEFAULT_AGENT_URL, Account, UserData, render_user_data
+from agent.commands.userdata import DEFAULT_AGENT_URL, Account, UserData, render_user_data
 
 VAGRANT_AGENT_URL = "file:///opt/devpi-agent-dist/devpi-agent"
 

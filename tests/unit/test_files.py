@@ -1,4 +1,4 @@
-"""agent.files.Files under a temporary root: idempotent, atomic, diffs recorded, plan inert."""
+"""agent.core.files.Files under a temporary root: idempotent, atomic, diffs recorded, plan inert."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.files import Files, atomic_write, render
+from agent.core.files import Files, atomic_write, render
 
 CONF = Path("/etc/devpi-agent/test.conf")
 

@@ -23,12 +23,13 @@ from conftest import (
     result,
 )
 
-from agent import backup, replica_pki, replication, verify
-from agent.config import Config, ConfigError, parse
-from agent.replica_pki import Bundle
-from agent.runner import Result, ShRunner
+from agent.commands import backup, verify
+from agent.core.config import Config, ConfigError, parse
+from agent.core.context import StepFailed
+from agent.core.runner import Result, ShRunner
+from agent.host import replica_pki, replication
+from agent.host.replica_pki import Bundle
 from agent.steps import caddy, devpi_config, devpi_init, devpi_users, supervisor, upgrade
-from agent.steps.base import StepFailed
 
 DEVOPS_HASH = "$2b$04$vnLW09wuDFphFKEaULf.7eKN72dlq6Rrc2udYRrpKu7X1Q0HW5Qja"  # "change-me"
 CURRENT = f"\tbasicauth {{\n\t\tdevops {DEVOPS_HASH}\n\t}}\n"
@@ -550,7 +551,7 @@ def test_replica_names_declared_users_its_primary_lacks(
     remote: object,
     warned: bool,
 ) -> None:
-    from agent.devpi_api import RemoteIndex, RemoteUser
+    from agent.host.devpi_api import RemoteIndex, RemoteUser
 
     users = (
         {"devops": RemoteUser("devops", {"pypi": RemoteIndex("pypi", ("root/pypi",))})}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from agent.runner import ShRunner
+from agent.core.runner import ShRunner
 
 
 def test_captures_both_streams_and_the_exit_code() -> None:

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from conftest import Call, FakeRunner, make_ctx, program, reference_data, result
 
-from agent import engine, log
-from agent.config import Config, parse
-from agent.engine import LockTimeout, run_steps, single_run
-from agent.files import render
-from agent.runner import CommandFailed, Result
+from agent.core import engine, log
+from agent.core.config import Config, parse
+from agent.core.engine import LockTimeout, run_steps, single_run
+from agent.core.files import render
+from agent.core.runner import CommandFailed, Result
 from agent.steps import STEPS, Context, Step, StepFailed, apt, caddy, devpi_init, service_user, venv
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -827,7 +827,7 @@ def test_report_json_and_recap(tmp_path: Path) -> None:
 @pytest.fixture
 def captured_log(tmp_path: Path, restore_logging: None) -> Iterator[tuple[io.StringIO, Path]]:
     stream = io.StringIO()
-    log_file = tmp_path / "log/agent.log"
+    log_file = tmp_path / "log/agent.core.log"
     log.configure(stream=stream, log_file=log_file)
     yield stream, log_file
 

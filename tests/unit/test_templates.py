@@ -15,11 +15,11 @@ import bcrypt
 import pytest
 from conftest import FakeRunner, assert_golden, make_ctx, reference_data
 
-from agent.config import Config, parse
-from agent.facts import OsRelease, parse_caddy_version, parse_os_release
+from agent.core.config import Config, parse
+from agent.core.context import Context
+from agent.facts.system import OsRelease, parse_caddy_version, parse_os_release
 from agent.steps import caddy, devpi_config, supervisor
 from agent.steps.apt import dearmor
-from agent.steps.base import Context
 
 # bcrypt hashes (cost 4, so checking them is cheap) of the passwords in the configs below.
 DEVOPS_PASSWORD = "change-me"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from conftest import reference_data
 
-from agent.config import ConfigError, parse
+from agent.core.config import ConfigError, parse
 
 
 def server(**settings: Any) -> dict[str, Any]:

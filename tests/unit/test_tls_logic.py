@@ -1,4 +1,4 @@
-"""TLS (issue #8): the X.509 reader, the facts and checks in agent/tls.py, the tls step, and
+"""TLS (issue #8): the X.509 reader, the facts and checks in agent/host/tls.py, the tls step, and
 `devpi-agent ca`. Certificates are real ones made with the openssl CLI; host facts (addresses,
 listeners, the EC2 metadata service) are made up, or served from loopback.
 """
@@ -25,12 +25,12 @@ from conftest import FakeRunner, assert_golden, make_ctx, reference_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import tls, x509
-from agent.cli import main
-from agent.config import Config, parse
+from agent.commands.cli import main
+from agent.core.config import Config, parse
+from agent.core.context import StepFailed
+from agent.host import tls, x509
 from agent.steps import caddy
 from agent.steps import tls as tls_step
-from agent.steps.base import StepFailed
 
 # --- a small PKI, made with openssl -----------------------------------------------------------
 

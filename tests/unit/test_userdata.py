@@ -16,9 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 from conftest import REPO_ROOT
 
-from agent import cli
-from agent.config import ConfigError, parse
-from agent.userdata import (
+from agent.commands import cli
+from agent.commands.userdata import (
     DEFAULT_AGENT_URL,
     MAX_USER_DATA_BYTES,
     PLACEHOLDER,
@@ -29,6 +28,7 @@ from agent.userdata import (
     render_user_data,
     written_file,
 )
+from agent.core.config import ConfigError, parse
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -143,7 +143,7 @@ def test_twine_pip_uv(booted: Booted, tmp_path: Path) -> None:
 
 def test_no_password_in_any_log(booted: Booted) -> None:
     vm = booted.vm
-    assert vm.exec("test -s /var/log/devpi-agent/agent.log").returncode == 0
+    assert vm.exec("test -s /var/log/devpi-agent/agent.core.log").returncode == 0
     logs = vm.output("find /var/log -type f ! -path '/var/log/journal/*' -exec cat {} +")
     assert "cloud-init" in logs and "recap" in logs
     journal = vm.output("journalctl -b --no-pager -o cat", timeout=300)
@@ -168,7 +168,7 @@ def test_reboot_serves_again_without_a_second_run(
     print(f"then serving again after {time.monotonic() - started:.0f}s")
     status = vm.exec("cloud-init status --long")
     assert "status: done" in status.stdout, status.stdout
-    agent_log = vm.read("/var/log/devpi-agent/agent.log")
+    agent_log = vm.read("/var/log/devpi-agent/agent.core.log")
     applies = [line for line in agent_log.splitlines() if json.loads(line).get("event") == "apply"]
     assert len(applies) == 1
     assert vm.read("/var/log/devpi-agent/bootstrap.log").count("devpi-agent-bootstrap: exit") == 1

@@ -56,7 +56,7 @@ def test_the_agent_never_ran(refused: VM) -> None:
     assert "refusing to run" in output
     for path in (
         "/usr/local/sbin/devpi-agent",
-        "/var/log/devpi-agent/agent.log",
+        "/var/log/devpi-agent/agent.core.log",
         "/opt/devpi-agent",
         "/var/cache/devpi-agent/pex",
     ):

@@ -18,9 +18,9 @@ from typing import Protocol
 
 import sh
 
-from agent import log
-from agent.crashpoint import crashpoint
-from agent.log import redactor
+from agent.core import log
+from agent.core.crashpoint import crashpoint
+from agent.core.log import redactor
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

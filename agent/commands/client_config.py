@@ -21,7 +21,7 @@ from typing import Literal
 
 import click
 
-from agent.command_support import (
+from agent.commands.support import (
     EXIT_CONFIG,
     EXIT_FAILED,
     config_option,
@@ -29,7 +29,7 @@ from agent.command_support import (
     load_config,
     require_root,
 )
-from agent.config import Config
+from agent.core.config import Config
 
 Shell = Literal["bash", "fish"]
 Format = Literal["pip", "pypirc", "uv", "all"]
@@ -309,8 +309,8 @@ def client_config(
     config_path: Path, user_name: str, index_name: str | None, fmt: Format, shell: Shell
 ) -> None:
     """Print the twine, pip and uv settings of one user, ready to paste into a shell."""
+    from agent.host.tls import internal_root
     from agent.steps.caddy import caddy_home
-    from agent.tls import internal_root
 
     config = load_config("client-config", config_path)
     require_root("client-config")

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.crashpoint import crashpoint
-from agent.files import FileChange
-from agent.runner import CommandFailed
-from agent.steps import Context, Step, StepFailed
+from agent.core.context import Context, Step, StepFailed
+from agent.core.crashpoint import crashpoint
+from agent.core.files import FileChange
+from agent.core.runner import CommandFailed
 
 Status = Literal["ok", "changed", "failed"]
 LOCK_FILE = Path("/run/lock/devpi-agent.lock")

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent import x509
-from agent.runner import Runner
+from agent.core.runner import Runner
+from agent.host import x509
 
 # The CA's certificate and key in one root-only file, so a run killed mid-write never leaves a
 # key without its certificate.

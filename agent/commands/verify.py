@@ -26,8 +26,7 @@ from pathlib import Path
 
 import click
 
-from agent import log, replication, tls
-from agent.command_support import (
+from agent.commands.support import (
     EXIT_FAILED,
     EXIT_OK,
     config_option,
@@ -35,10 +34,12 @@ from agent.command_support import (
     load_config,
     require_root,
 )
-from agent.config import Config
-from agent.devpi_api import DevpiApi
-from agent.log import redactor
-from agent.steps.base import Context, StepFailed
+from agent.core import log
+from agent.core.config import Config
+from agent.core.context import Context, StepFailed
+from agent.core.log import redactor
+from agent.host import replication, tls
+from agent.host.devpi_api import DevpiApi
 from agent.steps.caddy import caddy_home
 from agent.steps.devpi_init import root_password
 from agent.steps.supervisor import (

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from agent.command_support import EXIT_CANNOT_START, EXIT_FAILED, config_option, fail, load_config
-from agent.x509 import CertificateError, load_pem
+from agent.commands.support import EXIT_CANNOT_START, EXIT_FAILED, config_option, fail, load_config
+from agent.host.x509 import CertificateError, load_pem
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> None:
@@ -22,8 +22,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 @config_option
 def ca(config_path: Path) -> None:
     """Print Caddy's local CA root certificate (PEM; tls = "internal") for clients to trust."""
+    from agent.host.tls import internal_root
     from agent.steps.caddy import caddy_home
-    from agent.tls import internal_root
 
     config = load_config("ca", config_path)
     server = config.server

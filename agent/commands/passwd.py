@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from agent.command_support import (
+from agent.commands.support import (
     EXIT_CONFIG,
     EXIT_FAILED,
     config_option,
@@ -21,9 +21,9 @@ from agent.command_support import (
     load_config,
     require_root,
 )
-from agent.config import ConfigError, User, check_password
-from agent.files import atomic_write
-from agent.log import redactor
+from agent.core.config import ConfigError, User, check_password
+from agent.core.files import atomic_write
+from agent.core.log import redactor
 
 GENERATED_BYTES = 24  # 32 URL-safe characters: well under bcrypt's 72 bytes
 

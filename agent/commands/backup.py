@@ -22,8 +22,7 @@ from pathlib import Path
 
 import click
 
-from agent import log
-from agent.command_support import (
+from agent.commands.support import (
     EXIT_CANNOT_START,
     EXIT_FAILED,
     config_option,
@@ -32,8 +31,12 @@ from agent.command_support import (
     load_config,
     require_root,
 )
-from agent.devpi_api import DevpiApi
-from agent.devpi_data import (
+from agent.core import log
+from agent.core.context import Context, StepFailed
+from agent.core.engine import LOCK_FILE, LockTimeout, single_run
+from agent.core.runner import CommandFailed
+from agent.host.devpi_api import DevpiApi
+from agent.host.devpi_data import (
     BACKUP_NAME,
     DATAINDEX,
     describe_missing,
@@ -51,10 +54,7 @@ from agent.devpi_data import (
     stop_devpi,
     timestamp,
 )
-from agent.engine import LOCK_FILE, LockTimeout, single_run
-from agent.runner import CommandFailed
 from agent.steps import devpi_users
-from agent.steps.base import Context, StepFailed
 from agent.steps.devpi_config import CONFIG_FILE
 from agent.steps.devpi_init import root_password
 from agent.steps.supervisor import devpi_api_answers, warm_mirror

@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from agent.config import ConfigError, parse
-from agent.files import render
+from agent.core.config import ConfigError, parse
+from agent.core.files import render
 
 if sys.version_info >= (3, 11):
     import tomllib

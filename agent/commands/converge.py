@@ -12,8 +12,8 @@ from typing import NoReturn
 
 import click
 
-from agent import __version__, log
-from agent.command_support import (
+from agent import __version__
+from agent.commands.support import (
     EXIT_CANNOT_START,
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -22,9 +22,10 @@ from agent.command_support import (
     host_context,
     require_root,
 )
-from agent.config import Config, ConfigError, load
-from agent.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
-from agent.log import redactor
+from agent.core import log
+from agent.core.config import Config, ConfigError, load
+from agent.core.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
+from agent.core.log import redactor
 from agent.steps import STEPS
 
 

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import pwd
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from agent.runner import Runner
+from agent.core.platform import OsRelease
+from agent.core.runner import Runner
 
 OS_RELEASE = Path("/etc/os-release")
 SYSTEMD_MARKER = Path("/run/systemd/system")
-
-
-@dataclass(frozen=True)
-class OsRelease:
-    id: str
-    version_id: str
-    codename: str
-
-    @property
-    def pretty(self) -> str:
-        return f"{self.id} {self.version_id} ({self.codename})"
 
 
 def parse_os_release(text: str) -> OsRelease:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import log
-from agent.config import Config
-from agent.facts import OsRelease
-from agent.files import Files
-from agent.runner import Runner
+from agent.core import log
+from agent.core.config import Config
+from agent.core.files import Files
+from agent.core.platform import OsRelease
+from agent.core.runner import Runner
 
 STATE_DIR = Path("/var/lib/devpi-agent")
 PENDING_DIR = STATE_DIR / "pending"

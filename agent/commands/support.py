@@ -2,7 +2,7 @@
 the --config option, loading the config or exiting 2, refusing to run without root (exit 3),
 and a Context for reusing the steps' looks.
 
-Kept apart from agent.cli, which imports these commands at its end.
+Kept apart from agent.commands.cli, which imports these commands at its end.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import NoReturn
 
 import click
 
-from agent.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
-from agent.facts import os_release, systemd_running
-from agent.files import Files
-from agent.log import redactor
-from agent.runner import ShRunner
-from agent.steps.base import Context
+from agent.core.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load
+from agent.core.context import Context
+from agent.core.files import Files
+from agent.core.log import redactor
+from agent.core.runner import ShRunner
+from agent.facts.system import os_release, systemd_running
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANNOT_START = 0, 1, 2, 3
 

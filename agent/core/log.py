@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import structlog
 
-AGENT_LOG = Path("/var/log/devpi-agent/agent.log")
+AGENT_LOG = Path("/var/log/devpi-agent/agent.core.log")
 REDACTED = "********"
 
 

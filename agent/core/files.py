@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import jinja2
 
-from agent.resources import units_dir
+from agent.core.resources import units_dir
 
 
 @dataclass(frozen=True)

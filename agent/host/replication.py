@@ -20,12 +20,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent import replica_pki, tls
-from agent.config import Config
-from agent.devpi_api import DevpiApi, DevpiError
-from agent.log import redactor
-from agent.replica_pki import Bundle, PkiProblem
-from agent.steps.base import Context, StepFailed
+from agent.core.config import Config
+from agent.core.context import Context, StepFailed
+from agent.core.log import redactor
+from agent.host import replica_pki, tls
+from agent.host.devpi_api import DevpiApi, DevpiError
+from agent.host.replica_pki import Bundle, PkiProblem
 from agent.steps.venv import SYSTEM_CA_BUNDLE
 
 # The system roots plus primary_ca_file: what a replica's devpi trusts (REQUESTS_CA_BUNDLE).

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent.x509 import Address, Certificate, CertificateError, load_pem, parse_der
+from agent.host.x509 import Address, Certificate, CertificateError, load_pem, parse_der
 
 # Where the agent installs what Caddy must read for TLS: copies owned root:caddy, so the
 # originals can stay private to root wherever the company's tooling puts them.

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.devpi_api import DevpiApi
-from agent.steps.base import Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.host.devpi_api import DevpiApi
 from agent.steps.devpi_config import CONFIG_FILE
 from agent.steps.supervisor import DEVPI_PROGRAM, supervisorctl, wait_for_devpi
 

@@ -18,15 +18,15 @@ from agent import __version__
 
 # command name -> "module:attribute"
 LAZY_COMMANDS = {
-    "apply": "agent.converge_cli:apply",
-    "plan": "agent.converge_cli:plan",
-    "verify": "agent.verify:verify",
-    "client-config": "agent.client_config:client_config",
-    "passwd": "agent.passwd:passwd",
-    "backup": "agent.backup:backup",
-    "restore": "agent.backup:restore_command",
-    "user-data": "agent.userdata:user_data",
-    "ca": "agent.ca:ca",
+    "apply": "agent.commands.converge:apply",
+    "plan": "agent.commands.converge:plan",
+    "verify": "agent.commands.verify:verify",
+    "client-config": "agent.commands.client_config:client_config",
+    "passwd": "agent.commands.passwd:passwd",
+    "backup": "agent.commands.backup:backup",
+    "restore": "agent.commands.backup:restore_command",
+    "user-data": "agent.commands.userdata:user_data",
+    "ca": "agent.commands.ca:ca",
 }
 
 
