@@ -1,4 +1,4 @@
-"""What kind of host this is, as the rest of the agent passes it around (facts/system.py reads it)."""
+"""What kind of host this is, as the agent passes it around (facts/system.py reads it)."""
 
 from __future__ import annotations
 
