@@ -109,5 +109,8 @@ def test_switching_to_the_unix_socket_locks_users_out(tcp_host: Host) -> None:
     assert switched.returncode == 0, switched.stderr[-5000:]
     assert admin_address(host).startswith("unix/")
     assert_locked_out(host, free_port())
+    # Debian's unit reloads with `caddy reload` as caddy, through the address in the Caddyfile.
+    host.run(["systemctl", "reload", "caddy"], timeout=120)
+    assert_locked_out(host, free_port())
     again = apply(host)
     assert again.returncode == 0 and again.report["changed"] == 0, again.report
