@@ -102,7 +102,7 @@ def _size(path: Path) -> tuple[int, int]:
 def make_backup(ctx: Context) -> BackupResult:
     started = time.monotonic()
     devpi, settings = ctx.config.devpi, ctx.config.backup
-    ctx.files.ensure_dir(settings.dir, mode=0o700, owner=devpi.user, group=devpi.user)
+    ctx.mkdir(settings.dir, mode=0o700, owner=devpi.user, group=devpi.user, key="backup.dir")
     directory = ctx.files.host_path(settings.dir)
     # Left by a backup that was cut short (the lock says none is running now).
     for stale in directory.glob(".*.partial"):

@@ -6,6 +6,7 @@ Nothing on the host is touched while parsing; every problem raises ConfigError n
 from __future__ import annotations
 
 import ipaddress
+import os.path
 import re
 import sys
 import urllib.parse
@@ -58,6 +59,25 @@ _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?(\.post[0-9]+)?(\.dev[0-9]+)?$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Caddy's admin API takes any config from whoever reaches it, without a password. A unix socket
+# in a directory only caddy (and root) may enter keeps every other local user out; Caddy 2.6
+# unlinks a stale socket itself when it starts. Not under /run: it must be there after a reboot
+# with or without systemd, and the parent is root's so caddy cannot swap the directory.
+DEFAULT_CADDY_ADMIN = "unix//var/lib/caddy-admin/admin.sock"
+_UNIX_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+# Directories a configured directory (devpi.home, devpi.venv, backup.dir, the admin socket's)
+# must never be: the agent sets the mode and owner of those, which would break the host.
+SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/etc", "/etc/caddy", "/etc/ssl", "/etc/ssl/private",
+        "/etc/systemd", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt", "/proc", "/root",
+        "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/local/bin", "/usr/local/lib", "/usr/local/sbin", "/usr/sbin", "/usr/share",
+        "/var", "/var/backups", "/var/cache", "/var/lib", "/var/lib/caddy", "/var/local",
+        "/var/lock", "/var/log", "/var/mail", "/var/opt", "/var/run", "/var/spool", "/var/tmp",
+        "/var/www",
+    }
+)  # fmt: skip
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})$")
 
 
@@ -77,7 +97,7 @@ class ServerConfig:
     http_port: int = 80
     tls: TlsMode = "acme"
     acme_email: str | None = None
-    caddy_admin: str = "localhost:2019"
+    caddy_admin: str = DEFAULT_CADDY_ADMIN  # unix//path, or host:port on loopback
     acme_ca: str | None = None  # ACME directory URL; None: Caddy's default (Let's Encrypt)
     acme_ca_root: Path | None = None  # PEM root that signs the acme_ca server's certificate
     acme_preflight: bool = True
@@ -289,6 +309,12 @@ def _absolute_path(table: _Table, name: str, default: Path) -> Path:
     return path
 
 
+def _own_directory(table: _Table, name: str, default: Path) -> Path:
+    path = _absolute_path(table, name, default)
+    check_own_directory(table.path(name), path)
+    return path
+
+
 def _version(table: _Table, name: str, default: str) -> str:
     value: str = table.get(name, str, default)
     if not _VERSION.fullmatch(value):
@@ -328,10 +354,7 @@ def _parse_server(table: _Table) -> ServerConfig:
             table.path("tls"),
             f'"acme" needs a DNS name, not the IP address {domain}; use tls = "internal"',
         )
-    admin: str = table.get("caddy_admin", str, "localhost:2019")
-    match = _HOST_PORT.fullmatch(admin)
-    if not match or not 1 <= int(match["port"]) <= 65535:
-        raise ConfigError(table.path("caddy_admin"), f"{admin!r} is not host:port")
+    admin = _caddy_admin(table)
     tls_settings = _parse_tls_settings(table, tls)
     table.finish()
     return ServerConfig(
@@ -343,6 +366,59 @@ def _parse_server(table: _Table) -> ServerConfig:
         caddy_admin=admin,
         **tls_settings,
     )
+
+
+def admin_socket(address: str) -> Path | None:
+    """The socket of a `unix//path` admin address; None for host:port."""
+    return Path(address[len("unix/") :]) if address.startswith("unix/") else None
+
+
+def check_own_directory(key: str, path: Path) -> None:
+    """A directory the agent will own (mode, owner) must not be one the system relies on."""
+    normal = os.path.normpath(str(path))
+    if normal in SYSTEM_DIRECTORIES:
+        raise ConfigError(
+            key,
+            f"{normal} is a system directory; the agent would set its mode and owner: "
+            f"give it a directory of its own, e.g. {normal.rstrip('/')}/devpi",
+        )
+
+
+def _caddy_admin(table: _Table) -> str:
+    key = table.path("caddy_admin")
+    value: str = table.get("caddy_admin", str, DEFAULT_CADDY_ADMIN)
+    socket = admin_socket(value)
+    if socket is not None:
+        raw = str(value)[len("unix/") :]
+        # Unquoted in the Caddyfile; `|` is Caddy 2.8's mode suffix, which 2.6 takes as a name.
+        if (
+            not raw.startswith("/")
+            or os.path.normpath(raw) != raw
+            or any(ch.isspace() or ch in '"{}|#\\' or not ch.isprintable() for ch in raw)
+        ):
+            raise ConfigError(key, f"{value!r} is not unix//an/absolute/path of a socket")
+        if len(raw.encode()) > _UNIX_SOCKET_PATH_MAX:
+            raise ConfigError(key, f"the socket path is over {_UNIX_SOCKET_PATH_MAX} bytes")
+        check_own_directory(key, socket.parent)
+        return value
+    if value.strip().lower() in {"", "off", "none", "false", "no", "disabled", "0"}:
+        raise ConfigError(
+            key,
+            f"{value!r}: the agent reloads Caddy through its admin API, which cannot be off; "
+            f"the default, {DEFAULT_CADDY_ADMIN}, is open to root and caddy only",
+        )
+    match = _HOST_PORT.fullmatch(value)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(key, f"{value!r} is neither unix//path nor host:port")
+    host = match["host"].strip("[]")
+    if host != "localhost" and not (is_ip_address(host) and ipaddress.ip_address(host).is_loopback):
+        raise ConfigError(
+            key,
+            f"{value!r} is not on loopback: Caddy's admin API has no authentication, anyone "
+            f"reaching it replaces the config; use {DEFAULT_CADDY_ADMIN} (the default) "
+            "or 127.0.0.1:PORT",
+        )
+    return value
 
 
 def _parse_tls_settings(table: _Table, tls: str) -> dict[str, Any]:
@@ -412,8 +488,8 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
     devpi = DevpiConfig(
         port=port,
         user=user,
-        home=_absolute_path(table, "home", defaults.home),
-        venv=_absolute_path(table, "venv", defaults.venv),
+        home=_own_directory(table, "home", defaults.home),
+        venv=_own_directory(table, "venv", defaults.venv),
         root_password_file=_absolute_path(table, "root_password_file", defaults.root_password_file),
         server_version=_version(table, "server_version", defaults.server_version),
         web_version=_version(table, "web_version", defaults.web_version),
@@ -641,9 +717,7 @@ _SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
 def _parse_backup(table: _Table) -> BackupConfig:
     defaults = BackupConfig()
     enabled: bool = table.get("enabled", bool, defaults.enabled)
-    directory = _absolute_path(table, "dir", defaults.dir)
-    if directory == Path("/"):
-        raise ConfigError(table.path("dir"), "must not be /")
+    directory = _own_directory(table, "dir", defaults.dir)
     schedule: str = table.get("schedule", str, defaults.schedule)
     if not _SCHEDULE.fullmatch(schedule.strip()):
         raise ConfigError(table.path("schedule"), f"{schedule!r} is not a calendar expression")

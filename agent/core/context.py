@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.core import log
 from agent.core.config import Config
-from agent.core.files import Files
+from agent.core.files import DirectoryNotOwned, Files
 from agent.core.platform import OsRelease
 from agent.core.runner import Runner
 
@@ -55,9 +55,20 @@ class Context:
         return changed
 
     def mkdir(self, path: Path, **kwargs: Any) -> bool:
-        changed = self.files.ensure_dir(path, **kwargs)
+        """ensure_dir with the change recorded; key= for a configured directory (see files)."""
+        try:
+            changed = self.files.ensure_dir(path, **kwargs)
+        except DirectoryNotOwned as error:
+            raise StepFailed(str(error)) from None
         if changed:
             self.change(f"make directory {path}")
+        return changed
+
+    def mkparent(self, path: Path, **kwargs: Any) -> bool:
+        """The directory of a configured file: made if missing, an existing one left alone."""
+        changed = self.files.ensure_parent(path, **kwargs)
+        if changed:
+            self.change(f"make directory {path.parent}")
         return changed
 
     # A service restart that was due when a run died must still happen on the next run, so

@@ -1,6 +1,12 @@
 """Files on the host: rendered from units/, compared with what is there, written atomically.
 
 In check mode (plan) nothing is written; the would-be change is recorded as a unified diff.
+
+Directories: the agent sets mode and owner only on directories that are its own. Its fixed
+paths (/var/lib/devpi-agent, /etc/devpi-server, /etc/caddy/tls) are; a configured directory
+(devpi.home, backup.dir, ...) is when the agent made it, which it writes down in OWNED_DIRS
+before the mkdir, so a run killed in between still knows it next time. The parent of a
+configured file is made if missing and otherwise never changed (/etc for a file in /etc).
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from typing import Any, NamedTuple
 import jinja2
 
 from agent.core.resources import units_dir
+
+# Directories the agent made for configured paths, one path a line.
+OWNED_DIRS = Path("/var/lib/devpi-agent/owned-dirs")
+
+
+class DirectoryNotOwned(Exception):
+    """A configured directory exists, the agent did not make it, and it is not as wanted."""
 
 
 @dataclass(frozen=True)
@@ -131,20 +144,87 @@ class Files:
         return True
 
     def ensure_dir(
+        self,
+        path: Path,
+        *,
+        mode: int,
+        owner: str = "root",
+        group: str = "root",
+        key: str | None = None,
+    ) -> bool:
+        """Make `path` a directory with this mode and owner; True if anything changed.
+
+        key=None: one of the agent's fixed directories, always its own. key="backup.dir" etc.:
+        a configured directory: made if missing; an existing one is changed only if the agent
+        made it, taken as it is when it already has this mode and owner, refused otherwise
+        (DirectoryNotOwned): it may be a directory other programs rely on.
+        """
+        st = self._dir_stat(path)
+        if key is not None and st is not None and not self._owns(path):
+            if self._dir_as_wanted(st, mode, owner, group):
+                self._record_owned(path)  # the operator made it for this: from now on ours
+                return False
+            raise DirectoryNotOwned(
+                f"{key}: {path} exists and devpi-agent did not make it; it is "
+                f"{_owner_name(st)} {stat.S_IMODE(st.st_mode):04o}, not {owner}:{group} "
+                f"{mode:04o}. The agent changes mode and owner only of directories it made: "
+                "chown and chmod it yourself if it is meant for this, or name a path that "
+                "does not exist yet"
+            )
+        if key is not None and st is None:
+            self._record_owned(path)
+        return self._converge_dir(path, st, mode=mode, owner=owner, group=group)
+
+    def ensure_parent(
         self, path: Path, *, mode: int, owner: str = "root", group: str = "root"
     ) -> bool:
-        real = self.host_path(path)
-        wanted_owner = self._owner(owner, group)
+        """The directory a configured file goes in: made (and then the agent's) if missing;
+        an existing one the agent did not make is left exactly as it is (/etc stays /etc)."""
+        directory = path.parent
+        st = self._dir_stat(directory)
+        if st is not None and not self._owns(directory):
+            return False
+        if st is None:
+            self._record_owned(directory)
+        return self._converge_dir(directory, st, mode=mode, owner=owner, group=group)
+
+    def _dir_stat(self, path: Path) -> os.stat_result | None:
         try:
-            st = real.stat()
+            st = self.host_path(path).stat()
         except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(f"{path} exists and is not a directory")
-            same_owner = wanted_owner is None or (st.st_uid, st.st_gid) == wanted_owner
-            if stat.S_IMODE(st.st_mode) == mode and same_owner:
-                return False
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(f"{path} exists and is not a directory")
+        return st
+
+    def _dir_as_wanted(self, st: os.stat_result, mode: int, owner: str, group: str) -> bool:
+        wanted_owner = self._owner(owner, group)
+        same_owner = wanted_owner is None or (st.st_uid, st.st_gid) == wanted_owner
+        return stat.S_IMODE(st.st_mode) == mode and same_owner
+
+    def owned_dirs(self) -> set[Path]:
+        return {Path(line) for line in (self.read(OWNED_DIRS) or "").splitlines() if line}
+
+    def _owns(self, path: Path) -> bool:
+        return Path(os.path.normpath(path)) in self.owned_dirs()
+
+    def _record_owned(self, path: Path) -> None:
+        """Written (and synced) before the mkdir: a killed run's directory is still ours."""
+        if self.check:
+            return
+        owned = self.owned_dirs() | {Path(os.path.normpath(path))}
+        data = "".join(f"{p}\n" for p in sorted(owned, key=str)).encode()
+        real = self.host_path(OWNED_DIRS)
+        real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write(real, data, mode=0o600, owner=None)
+
+    def _converge_dir(
+        self, path: Path, st: os.stat_result | None, *, mode: int, owner: str, group: str
+    ) -> bool:
+        if st is not None and self._dir_as_wanted(st, mode, owner, group):
+            return False
+        wanted_owner = self._owner(owner, group)
+        real = self.host_path(path)
         what = "create" if st is None else f"set mode {mode:04o} / owner {owner}:{group}"
         self.changes.append(FileChange(path, f"directory {path}: {what}\n"))
         if not self.check:
@@ -164,6 +244,18 @@ class Files:
             real.unlink()
             _fsync_dir(real.parent)
         return True
+
+
+def _owner_name(st: os.stat_result) -> str:
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int, owner: Ownership | None) -> None:

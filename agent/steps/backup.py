@@ -80,7 +80,9 @@ def converge(ctx: Context) -> None:
         _remove_schedule(ctx)
         return
     devpi = ctx.config.devpi
-    ctx.mkdir(ctx.config.backup.dir, mode=0o700, owner=devpi.user, group=devpi.user)
+    ctx.mkdir(
+        ctx.config.backup.dir, mode=0o700, owner=devpi.user, group=devpi.user, key="backup.dir"
+    )
     if ctx.systemd:
         _systemd_timer(ctx)
     else:

@@ -3,6 +3,11 @@
 A new Caddyfile is checked with `caddy validate` (as the caddy user, so no second CA appears under
 /root) before it replaces the live one; the reload goes through Caddy's admin API. If the reload
 fails, the previous file is put back and reloaded, and the step fails.
+
+The admin API takes any config without a password, so by default it is a unix socket in a
+directory only caddy (and root) may enter. `caddy reload` sends the new file to the admin address
+that file names; when that address changes, the running Caddy still listens on the old one, so
+Caddy is restarted instead.
 """
 
 from __future__ import annotations
@@ -18,19 +23,29 @@ from pathlib import Path
 
 import bcrypt
 
-from agent.core.config import is_ip_address
+from agent.core.config import DEFAULT_CADDY_ADMIN, admin_socket, is_ip_address
 from agent.core.context import STATE_DIR, Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.files import render
 from agent.core.runner import Result
 from agent.facts.system import caddy_version
 from agent.host import replication, tls
-from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
+from agent.steps.supervisor import (
+    LOG_DIR,
+    ensure_program,
+    ensure_running,
+    program_state,
+    supervisorctl,
+)
 
 NAME = "caddy"
 CADDYFILE = Path("/etc/caddy/Caddyfile")
 CANDIDATE = Path("/etc/caddy/.Caddyfile.devpi-agent-candidate")
 RELOAD_PENDING = "caddy-reload"
+RESTART_PENDING = "caddy-restart"
+# What Caddy listens on when the Caddyfile names no admin address (Debian's stock one).
+CADDY_DEFAULT_ADMIN = "localhost:2019"
+_ADMIN_LINE = re.compile(r"^\s*admin\s+(\S+)", re.MULTILINE)
 HASH_MEMO = STATE_DIR / "basic-auth.memo"
 BCRYPT_ROUNDS = 12
 # Debian and Ubuntu 24.04 both ship 2.6.2; assumed when Caddy is not installed yet (plan).
@@ -146,6 +161,37 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
     )
 
 
+def admin_address(caddyfile: str | None) -> str:
+    """The admin address a Caddyfile gives Caddy."""
+    match = _ADMIN_LINE.search(caddyfile or "")
+    return match[1] if match else CADDY_DEFAULT_ADMIN
+
+
+def ensure_admin_socket_dir(ctx: Context) -> None:
+    """The socket's directory: caddy's alone (0700), so no other user can connect to it."""
+    address = ctx.config.server.caddy_admin
+    socket_path = admin_socket(address)
+    if socket_path is None:
+        ctx.log.warning(
+            "server.caddy_admin is a TCP port: every local user can reach it and replace "
+            "Caddy's config (no password); the default unix socket is open to root and caddy "
+            "only",
+            caddy_admin=address,
+            default=DEFAULT_CADDY_ADMIN,
+        )
+        return
+    ctx.mkdir(
+        socket_path.parent, mode=0o700, owner="caddy", group="caddy", key="server.caddy_admin"
+    )
+
+
+def restart(ctx: Context) -> None:
+    if ctx.systemd:
+        ctx.runner.run(["systemctl", "restart", "caddy"], timeout=120)
+    else:
+        supervisorctl(ctx, "restart", "caddy")
+
+
 def caddy_home() -> str:
     try:
         return pwd.getpwnam("caddy").pw_dir
@@ -238,18 +284,29 @@ def converge(ctx: Context) -> None:
     version = installed or DISTRO_CADDY_VERSION
     current = ctx.files.read(CADDYFILE)
     wanted = content(ctx, version, current)
+    ensure_admin_socket_dir(ctx)
     if wanted != current:
         if not ctx.check:
             validate(ctx, wanted)
         # Marked before the write: a run killed between the write and the reload must still
         # reload next time, or Caddy keeps serving the old file (old passwords included).
         ctx.mark_pending(RELOAD_PENDING)
+        if admin_address(current) != admin_address(wanted):
+            ctx.mark_pending(RESTART_PENDING)
     ctx.write(CADDYFILE, wanted, mode=0o640, owner="root", group="caddy")
     crashpoint("caddy:written")
 
     started = ensure_started(ctx)
     if ctx.check:
         return
+    if (
+        ctx.is_pending(RESTART_PENDING)
+        and not started
+        and ctx.change("restart caddy (its admin address changed)")
+    ):
+        restart(ctx)
+        started = True
+    ctx.clear_pending(RESTART_PENDING)
     if ctx.is_pending(RELOAD_PENDING) and not started and ctx.change("reload caddy"):
         result = reload(ctx)
         if not result.ok:

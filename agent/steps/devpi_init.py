@@ -39,7 +39,7 @@ def ensure_root_password(ctx: Context) -> str:
         password = secrets.token_urlsafe(32)
         redactor.add(password, user="root")
         path = ctx.config.devpi.root_password_file
-        ctx.mkdir(path.parent, mode=0o700)
+        ctx.mkparent(path, mode=0o700)
         ctx.write(path, password + "\n", mode=0o600, secret=True)
     return password
 

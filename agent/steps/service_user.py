@@ -44,4 +44,4 @@ def converge(ctx: Context) -> None:
             "set devpi.home to match or pick another devpi.user"
         )
     # devpi refuses a secret file in a group- or world-writable directory; keep the home 0750.
-    ctx.mkdir(devpi.home, mode=0o750, owner=devpi.user, group=devpi.user)
+    ctx.mkdir(devpi.home, mode=0o750, owner=devpi.user, group=devpi.user, key="devpi.home")

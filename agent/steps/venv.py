@@ -64,7 +64,7 @@ def converge(ctx: Context) -> None:
         again = " again (the last build was cut short)" if interrupted else ""
         if ctx.change(f"create venv {venv}{again}"):
             ctx.mark_pending(BUILD_PENDING)
-            ctx.files.ensure_dir(venv.parent, mode=0o755)
+            ctx.files.ensure_parent(venv, mode=0o755)
             # --clear empties a venv (it has a pyvenv.cfg), never a directory that is not one.
             clear = ["--clear"] if ctx.files.exists(venv / "pyvenv.cfg") else []
             ctx.runner.run([SYSTEM_PYTHON, "-m", "venv", *clear, str(venv)], timeout=300)

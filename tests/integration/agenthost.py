@@ -1,6 +1,7 @@
 """What the integration tests share: a config for a test host, running the agent inside it,
 and looking at the host's processes. Every host shares this machine's network, so each gets
-free ports for Caddy (HTTPS, admin) and devpi.
+free ports for Caddy (HTTPS) and devpi; Caddy's admin API is each host's own unix socket (the
+`admin` port is for the test of the TCP form).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ domain = "127.0.0.1"
 https_port = {ports.https}
 http_port = 0
 tls = "internal"
-caddy_admin = "127.0.0.1:{ports.admin}"
 
 [devpi]
 port = {ports.devpi}

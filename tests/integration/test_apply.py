@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from admin_api import assert_locked_out
 from agenthost import (
     AGENT,
     CADDY_CA,
@@ -38,7 +39,7 @@ from clients import (
     twine_upload,
     uv_install,
 )
-from nspawn import NspawnHost
+from nspawn import NspawnHost, free_port
 
 SUITES = ("bookworm", "trixie")
 
@@ -208,6 +209,12 @@ def test_wrong_password_upload_is_refused(converged: Converged) -> None:
     assert "401" in upload.stdout + upload.stderr
 
 
+def test_unprivileged_user_cannot_reach_caddys_admin_api(converged: Converged) -> None:
+    """Caddy's admin API takes any config without a password: whoever reaches it owns the site."""
+    address = assert_locked_out(converged.host, free_port())
+    assert address.startswith("unix/"), address
+
+
 def test_secret_files_are_private(converged: Converged) -> None:
     host = converged.host
     for path, owner in (
@@ -312,5 +319,6 @@ def test_without_systemd_the_agent_starts_supervisord_and_caddy(fresh_host: Nspa
     home.mkdir()
     pip = pip_install(site, home, home / "target", "six")
     assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert_locked_out(fresh_host, free_port())
     running = set(processes(fresh_host))
     assert ("root", "supervisord") in running and ("caddy", "caddy") in running, running

@@ -76,7 +76,6 @@ domain = "127.0.0.1"
 https_port = {ports.https}
 http_port = 0
 tls = "internal"
-caddy_admin = "127.0.0.1:{ports.admin}"
 
 [devpi]
 port = {ports.devpi}

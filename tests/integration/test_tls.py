@@ -63,7 +63,6 @@ def config_text(ports: Ports, domain: str, http_port: int, tls: str) -> str:
 domain = "{domain}"
 https_port = {ports.https}
 http_port = {http_port}
-caddy_admin = "127.0.0.1:{ports.admin}"
 {tls}
 
 [devpi]

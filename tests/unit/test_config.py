@@ -87,7 +87,7 @@ def test_defaults() -> None:
     assert server.http_port == 80
     assert server.tls == "acme"
     assert server.acme_email is None
-    assert server.caddy_admin == "localhost:2019"
+    assert server.caddy_admin == "unix//var/lib/caddy-admin/admin.sock"
     assert devpi.port == 4040
     assert devpi.user == "devpi"
     assert devpi.home == Path("/var/lib/devpi")

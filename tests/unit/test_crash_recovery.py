@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result
 
 from agent.core import crashpoint as crash
-from agent.core.config import parse
+from agent.core.config import DEFAULT_CADDY_ADMIN, parse
 from agent.core.engine import run_steps
 from agent.core.files import render
 from agent.core.runner import Result
@@ -305,7 +305,8 @@ def test_caddyfile_written_then_killed_is_reloaded_next_run(
     monkeypatch.setattr(caddy, "wait_for_https", lambda ctx, timeout=30: None)
     live = under(tmp_path, caddy.CADDYFILE)
     live.parent.mkdir(parents=True)
-    live.write_text("# the Caddyfile with the old password\n")
+    old = "# the Caddyfile with the old password\n"
+    live.write_text(f"{{\n\tadmin {DEFAULT_CADDY_ADMIN}\n}}\n{old}")
     monkeypatch.setattr(caddy, "crashpoint", dies_at("caddy:written"))
     first = caddy_runner()
     with pytest.raises(Killed):

@@ -52,7 +52,7 @@ def test_config_defaults() -> None:
     [
         ({"backup": {"keep": 0}}, "backup.keep", "at least 1"),
         ({"backup": {"dir": "backups"}}, "backup.dir", "absolute"),
-        ({"backup": {"dir": "/"}}, "backup.dir", "must not be /"),
+        ({"backup": {"dir": "/"}}, "backup.dir", "system directory"),
         ({"backup": {"schedule": "daily; rm -rf /"}}, "backup.schedule", "calendar"),
         ({"backup": {"enabled": "yes"}}, "backup.enabled", "boolean"),
         ({"backup": {"every": "day"}}, "backup.every", "unknown"),
@@ -623,6 +623,7 @@ def test_make_backup_exports_then_renames(tmp_path: Path, monkeypatch: pytest.Mo
     runner = FakeRunner().on(program("devpi-export"), export)
     ctx = make_ctx(tmp_path, config(backup={"keep": 1}), runner)
     (tmp_path / "var/backups/devpi/20200101T000000Z").mkdir(parents=True)
+    (tmp_path / "var/backups/devpi").chmod(0o700)  # as the agent made it
     done = backup_command.make_backup(ctx)
     [call] = runner.calls
     assert call.user == "devpi" and Path(call.argv[-1]).name.endswith(".partial")

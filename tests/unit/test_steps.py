@@ -18,7 +18,7 @@ import pytest
 from conftest import Call, FakeRunner, make_ctx, program, reference_data, result
 
 from agent.core import engine, log
-from agent.core.config import Config, parse
+from agent.core.config import DEFAULT_CADDY_ADMIN, Config, parse
 from agent.core.engine import LockTimeout, run_steps, single_run
 from agent.core.files import render
 from agent.core.runner import CommandFailed, Result
@@ -658,6 +658,8 @@ def test_existing_hashes_ignores_other_lines() -> None:
 
 CADDY_VERSION = "v2.6.2 h1:QnKDiR6UQkOWZSvJ1Ws6LLbCfNkOT3OBWDJo7xFTZe8=\n"
 CADDYFILE = Path("/etc/caddy/Caddyfile")
+# An earlier Caddyfile of the agent's, on the admin address the config keeps.
+OLD_CADDYFILE = f"{{\n\tadmin {DEFAULT_CADDY_ADMIN}\n}}\n# old\n"
 
 
 @pytest.mark.usefixtures("fast_bcrypt")
@@ -682,7 +684,7 @@ def test_caddy_validate_failure_keeps_live_file(tmp_path: Path) -> None:
 def test_caddy_reload_failure_rolls_back(tmp_path: Path) -> None:
     live = under(tmp_path, CADDYFILE)
     live.parent.mkdir(parents=True)
-    live.write_text("old\n")
+    live.write_text(OLD_CADDYFILE)
     runner = FakeRunner()
     runner.on(["caddy", "version"], stdout=CADDY_VERSION)
     runner.on(["systemctl", "is-active"], stdout="active\n")
@@ -691,7 +693,7 @@ def test_caddy_reload_failure_rolls_back(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, config(), runner)
     with pytest.raises(StepFailed, match="caddy reload failed"):
         caddy.converge(ctx)
-    assert live.read_text() == "old\n"
+    assert live.read_text() == OLD_CADDYFILE
     assert len(runner.ran(["caddy", "reload"])) == 2  # the new file, then the old one again
     assert ctx.is_pending(caddy.RELOAD_PENDING)
 
@@ -704,8 +706,13 @@ def test_caddy_check_mode_without_caddy(tmp_path: Path) -> None:
     caddy.converge(ctx)
     assert runner.ran(["caddy", "validate"]) == []
     assert runner.ran(["caddy", "reload"]) == []
-    assert ctx.changes == [f"write {CADDYFILE}", "enable and start caddy.service"]
-    assert "basicauth {" in ctx.files.changes[0].diff  # 2.6.2 assumed
+    assert ctx.changes == [
+        "make directory /var/lib/caddy-admin",
+        f"write {CADDYFILE}",
+        "enable and start caddy.service",
+    ]
+    [caddyfile] = [c for c in ctx.files.changes if c.path == CADDYFILE]
+    assert "basicauth {" in caddyfile.diff  # 2.6.2 assumed
     assert not (tmp_path / "etc").exists()
 
 
