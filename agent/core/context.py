@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from agent.core import log
@@ -91,6 +92,38 @@ class Context:
 
 @dataclass(frozen=True)
 class Step:
+    """One thing `apply` converges. A step is a module under agent/steps/ with
+
+    - ``NAME``: the name in logs, reports and the recap (``"devpi-config"``);
+    - ``converge(ctx)``: look, compare, act only on the difference; every change goes through
+      ``ctx.change``/``ctx.write``/``ctx.mkdir`` (so ``plan`` shows it and changes nothing),
+      a failure raises ``StepFailed`` with a message for a person;
+    - a docstring whose first line says what it converges (``devpi-agent plan`` prints it).
+
+    It imports agent.host, agent.facts and agent.core, never another step
+    (docs/architecture.md). The list of steps, in order, is agent/steps/__init__.py.
+    """
+
     name: str
     converge: Callable[[Context], None]
     description: str
+
+    @classmethod
+    def of(cls, module: ModuleType) -> Step:
+        """The step a module defines; TypeError naming what it lacks."""
+        name = getattr(module, "NAME", None)
+        converge = getattr(module, "converge", None)
+        doc = (module.__doc__ or "").strip()
+        lacking = [
+            what
+            for what, present in (
+                ("NAME (a non-empty str)", isinstance(name, str) and bool(name)),
+                ("converge(ctx)", callable(converge)),
+                ("a docstring", bool(doc)),
+            )
+            if not present
+        ]
+        if lacking:
+            raise TypeError(f"step module {module.__name__} lacks {', '.join(lacking)}")
+        assert isinstance(name, str) and converge is not None
+        return cls(name, converge, doc.splitlines()[0])

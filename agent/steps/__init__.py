@@ -17,8 +17,9 @@ from agent.steps import (
     venv,
 )
 
+# The one list of steps, in the order apply runs them (the contract: core/context.py's Step).
 STEPS: tuple[Step, ...] = tuple(
-    Step(module.NAME, module.converge, (module.__doc__ or "").strip().splitlines()[0])
+    Step.of(module)
     for module in (
         apt,
         # Right after apt (it makes the caddy group): a TLS problem stops the run before

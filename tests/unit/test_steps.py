@@ -55,6 +55,20 @@ def test_steps_are_in_order() -> None:
     assert all(s.description for s in STEPS)
 
 
+def test_a_step_module_must_keep_the_contract() -> None:
+    import types
+
+    good = types.ModuleType("agent.steps.example", "Example: converges one thing.\n\nMore.")
+    good.NAME = "example"  # type: ignore[attr-defined]
+    good.converge = lambda ctx: None  # type: ignore[attr-defined]
+    step = Step.of(good)
+    assert (step.name, step.description) == ("example", "Example: converges one thing.")
+    bare = types.ModuleType("agent.steps.bare")
+    with pytest.raises(TypeError) as caught:
+        Step.of(bare)
+    assert "NAME (a non-empty str), converge(ctx), a docstring" in str(caught.value)
+
+
 def test_fake_runner_raises_command_failed_on_check() -> None:
     runner = FakeRunner().on(["false"], rc=1, stderr="nope")
     with pytest.raises(CommandFailed, match="`false` exited 1"):
