@@ -66,12 +66,12 @@ def converge_ca_bundle(ctx: Context) -> None:
         return
     assert devpi.primary_ca_file is not None
     try:
-        roots = tls.read_certificates("devpi.primary_ca_file", devpi.primary_ca_file)
+        roots, checked = tls.read_pem_certificates("devpi.primary_ca_file", devpi.primary_ca_file)
     except tls.TlsProblem as problem:
         raise StepFailed(str(problem)) from None
     ctx.log.info("primary CA", path=str(devpi.primary_ca_file), subject=roots[0].subject)
     system = ctx.files.read(Path(SYSTEM_CA_BUNDLE)) or ""
-    wanted = system.rstrip("\n") + "\n" + devpi.primary_ca_file.read_text().strip() + "\n"
+    wanted = system.rstrip("\n") + "\n" + checked.decode("utf-8", "replace").strip() + "\n"
     if ctx.files.read(PRIMARY_CA_BUNDLE) != wanted:
         # devpi loads its CA file once, at start.
         ctx.mark_pending(RESTART_PENDING)
