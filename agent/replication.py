@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent import tls
+from agent import direct_http, tls
 from agent.config import Config
 from agent.log import redactor
 from agent.steps.base import Context, StepFailed
@@ -142,7 +142,7 @@ def devpi_status(port: int, timeout: float = 15) -> dict[str, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/+status", headers={"Accept": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with direct_http.urlopen(request, timeout=timeout) as response:
         result: dict[str, Any] = json.load(response)["result"]
         return result
 
@@ -218,7 +218,8 @@ def primary_status(config: Config, timeout: float = 20) -> dict[str, Any]:
         f"{devpi.primary_url}/+status",
         headers={"Accept": "application/json", "Authorization": f"Basic {token}"},
     )
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+    # The primary is devpi too: the user's basic auth goes to it and to nothing in between.
+    with direct_http.urlopen(request, timeout=timeout, context=context) as response:
         result: dict[str, Any] = json.load(response)["result"]
         return result
 

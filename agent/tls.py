@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent import direct_http
 from agent.x509 import Address, Certificate, CertificateError, load_pem, parse_der
 
 # Where the agent installs what Caddy must read for TLS: copies owned root:caddy, so the
@@ -145,20 +146,19 @@ def ec2_public_ipv4(base: str = IMDS, timeout: float = 1.0) -> Address | None:
     None without one (private subnet) or when the metadata service does not answer in time.
     """
     # The metadata service is link-local: a configured HTTP proxy must never see this.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         token_request = urllib.request.Request(
             f"{base}/latest/api/token",
             method="PUT",
             headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
         )
-        with opener.open(token_request, timeout=timeout) as response:
+        with direct_http.urlopen(token_request, timeout=timeout) as response:
             token = response.read().decode().strip()
         request = urllib.request.Request(
             f"{base}/latest/meta-data/public-ipv4",
             headers={"X-aws-ec2-metadata-token": token},
         )
-        with opener.open(request, timeout=timeout) as response:
+        with direct_http.urlopen(request, timeout=timeout) as response:
             return ipaddress.ip_address(response.read().decode().strip())
     except (OSError, ValueError, urllib.error.URLError):
         return None

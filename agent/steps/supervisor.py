@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import replication, supervisor_rpc
+from agent import direct_http, replication, supervisor_rpc
 from agent.crashpoint import crashpoint
 from agent.files import render
 from agent.runner import Result
@@ -96,7 +96,7 @@ def ensure_running(ctx: Context, program: str, *, restart: bool) -> bool:
 
 def devpi_api_answers(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/+api", timeout=5) as response:
+        with direct_http.urlopen(f"http://127.0.0.1:{port}/+api", timeout=5) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -156,7 +156,7 @@ def warm_mirror(ctx: Context, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
+            with direct_http.urlopen(url, timeout=60) as response:
                 if response.status == 200:
                     ctx.log.info("mirror ready", url=url)
                     return
