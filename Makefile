@@ -19,7 +19,7 @@ AGENT_URL := https://github.com/$(RELEASE_REPO)/releases/latest/download/devpi-a
 CLOUD_INIT_YAML ?= cloud-init.yaml
 
 .PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
-        release vagrant-user-data vm reliability
+        release vagrant-user-data vm reliability prereqs
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -54,6 +54,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+## prereqs: the Debian packages the demo and the root test tiers need (installs what is missing)
+prereqs:
+	tools/install-prereqs.sh
+
 ## venv: the test tooling (pytest, ruff, mypy, twine, uv, build) in .venv
 venv: $(VENV)/.installed
 
@@ -68,21 +72,21 @@ unit: venv
 	$(VENV)/bin/pytest tests/unit -q
 
 ## integration: boots systemd-nspawn hosts and drives them with twine, pip and uv (root)
-integration: venv dist
+integration: prereqs venv dist
 	$(VENV)/bin/pytest tests/integration -v -rA
 
 ## vm: boots a Debian 12 cloud VM (qemu, TCG) with cloud-init.yaml's template as user data (root)
-vm: venv dist
+vm: prereqs venv dist
 	$(VENV)/bin/pytest tests/vm -v -rA
 
 ## test: everything CI runs (as root). Two workers, one test file each at a time: hosts spend
 ## much of their time waiting on downloads, so two files at once halve the wall time.
-test: venv dist
+test: prereqs venv dist
 	$(MAKE) lint
 	$(VENV)/bin/pytest tests -v -rA -n 2 --dist loadfile
 
 ## demo: converge a throwaway local container and print a ready-to-paste pip command (root)
-demo: venv dist
+demo: prereqs venv dist
 	$(PY) tools/demo.py up
 
 ## demo-stop: stop and delete the demo container
@@ -90,13 +94,13 @@ demo-stop: venv
 	$(PY) tools/demo.py down
 
 ## reliability: crashes, bad input, secrets, locks, reboot, load; then docs/reliability.md (root)
-reliability: venv dist
+reliability: prereqs venv dist
 	$(VENV)/bin/pytest tests/unit/test_bad_input.py -q
 	$(VENV)/bin/pytest tests/integration/test_reliability.py -v -rA
 	$(PY) tools/reliability_table.py
 
 ## bench: performance figures (issue #6) into bench/results/ (root; ~6 min)
-bench: venv dist
+bench: prereqs venv dist
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:

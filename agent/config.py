@@ -122,8 +122,16 @@ class DevpiConfig:
     role: Role = "standalone"
     replication_port: int | None = None
     replica_addresses: tuple[str, ...] = ()
+    # A primary issues a client certificate to each replica named here (replica_pki.py); only
+    # those certificates get through its replication site.
+    replicas: tuple[str, ...] = ()
     primary_url: str | None = None
     primary_ca_file: Path | None = None
+    # A replica: the certificate and key its primary issued it (/etc/devpi-agent/replicas/
+    # <name>.pem there), which its Caddy presents on a loopback site devpi reaches the primary by.
+    replica_cert_file: Path | None = None
+    replica_cert: bytes | None = field(default=None, repr=False)
+    primary_proxy_port: int = 3142
     secret_file: Path | None = None
     secret: bytes | None = field(default=None, repr=False)
 
@@ -427,10 +435,17 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
 _REPLICATION_KEYS = {
     "replication_port": ("primary",),
     "replica_addresses": ("primary",),
+    "replicas": ("primary",),
     "primary_url": ("replica",),
     "primary_ca_file": ("replica",),
+    "replica_cert_file": ("replica",),
+    "primary_proxy_port": ("replica",),
     "secret_file": ("primary", "replica"),
 }
+# devpi-server 6.20.2 fixed its check of a replica's identity on /+changelog; an older primary
+# hands the changelog, password hashes included, to any request that looks like a replica's.
+MIN_REPLICATION_SERVER_VERSION = (6, 20, 2)
+_REPLICA_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # devpi-server refuses a secret shorter than this, or made of fewer distinct bytes.
 MIN_SECRET_BYTES = 32
 MIN_SECRET_DISTINCT_BYTES = 6
@@ -443,6 +458,8 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
             wanted = " or ".join(f'"{r}"' for r in roles)
             raise ConfigError(table.path(name), f'only used with role = {wanted}, not "{role}"')
     settings: dict[str, Any] = {"role": role}
+    if role != "standalone":
+        _check_replication_version(table)
     if role == "primary":
         if "replication_port" not in table.data:
             raise ConfigError(
@@ -451,6 +468,7 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
             )
         settings["replication_port"] = _port(table, "replication_port", 0)
         settings["replica_addresses"] = _replica_addresses(table)
+        settings["replicas"] = _replica_names(table)
     if role == "replica":
         if "primary_url" not in table.data:
             raise ConfigError(
@@ -460,6 +478,19 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
             )
         settings["primary_url"] = _primary_url(table.path("primary_url"), table)
         settings["primary_ca_file"] = _optional_absolute_path(table, "primary_ca_file")
+        cert_key = table.path("replica_cert_file")
+        cert_file = _optional_absolute_path(table, "replica_cert_file")
+        if cert_file is None:
+            raise ConfigError(
+                cert_key,
+                'required with role = "replica": the certificate its primary issued it, '
+                "/etc/devpi-agent/replicas/<name>.pem on the primary (devpi.replicas there)",
+            )
+        settings["replica_cert_file"] = cert_file
+        settings["replica_cert"] = _read_bytes(cert_key, cert_file, "certificate file")
+        settings["primary_proxy_port"] = _port(
+            table, "primary_proxy_port", DevpiConfig.primary_proxy_port
+        )
     secret_file = _optional_absolute_path(table, "secret_file")
     if role == "replica" and secret_file is None:
         raise ConfigError(
@@ -470,6 +501,45 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
         settings["secret_file"] = secret_file
         settings["secret"] = read_secret_file(table.path("secret_file"), secret_file)
     return settings
+
+
+def _check_replication_version(table: _Table) -> None:
+    version = str(table.data.get("server_version", DEFAULT_DEVPI_SERVER_VERSION))
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if numbers < MIN_REPLICATION_SERVER_VERSION:
+        oldest = ".".join(map(str, MIN_REPLICATION_SERVER_VERSION))
+        raise ConfigError(
+            table.path("server_version"),
+            f"{version} is too old for replication: devpi-server before {oldest} gives its "
+            "changelog (password hashes included) to requests that only look like a "
+            f"replica's; pin {oldest} or later",
+        )
+
+
+def _replica_names(table: _Table) -> tuple[str, ...]:
+    key = table.path("replicas")
+    if "replicas" not in table.data:
+        raise ConfigError(
+            key,
+            'required with role = "primary": a name for each replica, e.g. ["eu-1"]; each '
+            "gets a client certificate in /etc/devpi-agent/replicas/<name>.pem",
+        )
+    items: list[Any] = table.get("replicas", list)
+    if not items:
+        raise ConfigError(key, "name at least one replica")
+    names: list[str] = []
+    for n, item in enumerate(items):
+        item_key = f"{key}[{n}]"
+        if not isinstance(item, str):
+            raise ConfigError(item_key, f"expected a string, got {_describe(item)}")
+        if not _REPLICA_NAME.fullmatch(item):
+            raise ConfigError(
+                item_key, f"{item!r} is not a name of lowercase letters, digits and dashes"
+            )
+        if item in names:
+            raise ConfigError(item_key, f"{item!r} is listed twice")
+        names.append(item)
+    return tuple(names)
 
 
 def _replica_addresses(table: _Table) -> tuple[str, ...]:
@@ -504,13 +574,14 @@ def _primary_url(key: str, table: _Table) -> str:
     url: str = table.get("primary_url", str)
     try:
         parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        valid = parts.scheme == "https" and bool(parts.hostname)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
         valid = False
-    # It goes into devpi's YAML and the Caddyfile: no blanks, quotes or braces.
+    # It goes into the Caddyfile: no blanks, quotes or braces. Plain http is refused: relayed
+    # uploads carry users' passwords.
     if not valid or any(ch.isspace() or ch in "\"'{}#" for ch in url):
-        raise ConfigError(key, f"{url!r} is not an https:// (or http://) URL")
+        raise ConfigError(key, f"{url!r} is not an https:// URL")
     if parts.username or parts.password:
         raise ConfigError(key, "must not hold credentials: replicas authenticate with the secret")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -738,6 +809,15 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
             raise ConfigError("devpi.replication_port", f"port {port} is already server.{name}")
     if devpi.replication_port == devpi.port:
         raise ConfigError("devpi.replication_port", f"port {devpi.port} is already devpi.port")
+    if devpi.role == "replica":
+        taken = {
+            "server.https_port": server.https_port,
+            "server.http_port": server.http_port,
+            "devpi.port": devpi.port,
+        }
+        for name, port in taken.items():
+            if port == devpi.primary_proxy_port:
+                raise ConfigError("devpi.primary_proxy_port", f"port {port} is already {name}")
     return Config(
         server=server,
         devpi=devpi,

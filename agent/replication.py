@@ -10,7 +10,6 @@ The steps call in here for the parts that differ by role; `verify` for the repli
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import socket
@@ -21,14 +20,24 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent import direct_http, tls
+from agent import direct_http, replica_pki, tls
 from agent.config import Config
+from agent.devpi_api import DevpiApi, DevpiError
 from agent.log import redactor
+from agent.replica_pki import Bundle, PkiProblem
 from agent.steps.base import Context, StepFailed
 from agent.steps.venv import SYSTEM_CA_BUNDLE
 
 # The system roots plus primary_ca_file: what a replica's devpi trusts (REQUESTS_CA_BUNDLE).
 PRIMARY_CA_BUNDLE = Path("/etc/devpi-server/primary-ca-bundle.pem")
+# Caddy's copies for replication: a primary's CA certificate (client_auth trusts it); a
+# replica's client certificate and key, and its primary's CA (primary_ca_file).
+REPLICA_CA_COPY = tls.CADDY_TLS_DIR / "replica-ca.pem"
+CLIENT_CERT_COPY = tls.CADDY_TLS_DIR / "replica-client.pem"
+CLIENT_KEY_COPY = tls.CADDY_TLS_DIR / "replica-client.key"
+PRIMARY_CA_COPY = tls.CADDY_TLS_DIR / "primary-ca.pem"
+CADDY_COPIES = (REPLICA_CA_COPY, CLIENT_CERT_COPY, CLIENT_KEY_COPY, PRIMARY_CA_COPY)
+PRIVATE_COPIES = (CLIENT_KEY_COPY,)
 # The supervisor step's marker (it imports this module, so the name is repeated here).
 RESTART_PENDING = "devpi-server-restart"
 # A fresh replica's first pull: the first signed request costs an argon2 key derivation on both
@@ -51,6 +60,116 @@ def ca_bundle(config: Config) -> str:
 
 def primary_host(config: Config) -> str:
     return urllib.parse.urlsplit(config.devpi.primary_url or "").hostname or "the primary"
+
+
+def primary_proxy_url(config: Config) -> str:
+    """Where a replica's devpi reaches its primary: its own Caddy, which adds the certificate."""
+    return f"http://127.0.0.1:{config.devpi.primary_proxy_port}"
+
+
+# --- certificates -----------------------------------------------------------------------------
+
+
+def converge_certificates(ctx: Context) -> dict[Path, bytes]:
+    """A primary's CA and one certificate per replica in devpi.replicas (made or kept here, in
+    root-only files); a replica's certificate checked. Returns the copies Caddy reads."""
+    devpi = ctx.config.devpi
+    try:
+        if devpi.role == "primary":
+            ca = _ensure_ca(ctx)
+            if ca is None:
+                return {}
+            for name in devpi.replicas:
+                _ensure_issued(ctx, ca, name)
+            _remove_unlisted(ctx)
+            return {REPLICA_CA_COPY: ca.cert_pem}
+        if devpi.role == "replica":
+            assert devpi.replica_cert is not None and devpi.replica_cert_file is not None
+            what = f"devpi.replica_cert_file {devpi.replica_cert_file}"
+            bundle = replica_pki.parse_bundle(devpi.replica_cert, what)
+            replica_pki.in_date(bundle, what)
+            ctx.log.info(
+                "replica certificate",
+                subject=bundle.certificate.subject,
+                issuer=bundle.certificate.issuer,
+                not_after=bundle.certificate.not_after.isoformat(),
+            )
+            wanted = {CLIENT_CERT_COPY: bundle.cert_pem, CLIENT_KEY_COPY: bundle.key_pem}
+            if devpi.primary_ca_file is not None:
+                roots = tls.read_certificates("devpi.primary_ca_file", devpi.primary_ca_file)
+                wanted[PRIMARY_CA_COPY] = "".join(
+                    ssl.DER_cert_to_PEM_cert(root.der) for root in roots
+                ).encode()
+            return wanted
+    except PkiProblem as problem:
+        raise StepFailed(str(problem)) from None
+    except tls.TlsProblem as problem:
+        raise StepFailed(str(problem)) from None
+    return {}
+
+
+def _read_bundle(ctx: Context, path: Path) -> Bundle | None:
+    real = ctx.files.host_path(path)
+    try:
+        return replica_pki.parse_bundle(real.read_bytes(), str(path))
+    except FileNotFoundError:
+        return None
+    except (OSError, PkiProblem) as problem:
+        ctx.log.warning("unusable, made anew", path=str(path), reason=str(problem))
+        return None
+
+
+def _ensure_ca(ctx: Context) -> Bundle | None:
+    ca = _read_bundle(ctx, replica_pki.CA_FILE)
+    if ca is not None:
+        return ca
+    if not ctx.change("make the replication CA", path=str(replica_pki.CA_FILE)):
+        return None
+    ca = replica_pki.new_ca(ctx.runner)
+    ctx.files.ensure_file(replica_pki.CA_FILE, ca.pem, mode=0o600, secret=True)
+    return ca
+
+
+def _ensure_issued(ctx: Context, ca: Bundle, name: str) -> None:
+    path = replica_pki.issued_file(name)
+    current = _read_bundle(ctx, path)
+    if current is not None and replica_pki.issued_by(current, ca):
+        try:
+            replica_pki.in_date(current, str(path))
+            return
+        except PkiProblem:
+            pass
+    if not ctx.change(
+        f"issue the client certificate of replica {name}",
+        path=str(path),
+        note="copy it to the replica as its devpi.replica_cert_file",
+    ):
+        return
+    ctx.files.ensure_dir(replica_pki.ISSUED_DIR, mode=0o700)
+    bundle = replica_pki.issue(ctx.runner, ca, name)
+    ctx.files.ensure_file(path, bundle.pem, mode=0o600, secret=True)
+    ctx.log.info("replica certificate issued", replica=name, sha256=bundle.fingerprint)
+
+
+def _remove_unlisted(ctx: Context) -> None:
+    issued = ctx.files.host_path(replica_pki.ISSUED_DIR)
+    if not issued.is_dir():
+        return
+    for found in sorted(issued.glob("*.pem")):
+        if found.stem not in ctx.config.devpi.replicas:
+            path = replica_pki.ISSUED_DIR / found.name
+            if ctx.change(f"revoke replica {found.stem}: remove {path}"):
+                ctx.files.remove(path)
+
+
+def replica_fingerprints(ctx: Context) -> list[str]:
+    """The SHA-256 of each certificate issued to a replica in devpi.replicas (for Caddy)."""
+    prints = []
+    for name in ctx.config.devpi.replicas:
+        bundle = _read_bundle(ctx, replica_pki.issued_file(name))
+        if bundle is not None:
+            prints.append(bundle.fingerprint)
+    return prints
 
 
 # --- apply ------------------------------------------------------------------------------------
@@ -194,32 +313,48 @@ def wait_for_first_sync(
             raise StepFailed(
                 f"this replica got nothing from its primary {ctx.config.devpi.primary_url} in "
                 f"{waited:.0f} s: is this host's address in the primary's "
-                "devpi.replica_addresses, its replication_port reachable from here, the same "
-                "secret on both? devpi-server's last replication lines:\n"
-                + _recent_replication_log(ctx)
+                "devpi.replica_addresses, its replication_port reachable from here, "
+                "devpi.replica_cert_file the certificate the primary issued for a name still "
+                "in its devpi.replicas, the same secret on both? devpi-server's last "
+                "replication lines:\n" + _recent_replication_log(ctx)
             )
         time.sleep(1)
+
+
+def report_replicated_users(ctx: Context) -> None:
+    """A replica gets users and indexes from its primary (and relays changes there): nothing is
+    made here; declared ones the primary lacks are named, since their logins would fail."""
+    primary = ctx.config.devpi.primary_url
+    try:
+        remote = DevpiApi(ctx.config.devpi.port).users()
+    except (DevpiError, OSError):
+        return
+    missing = [u.name for u in ctx.config.users if u.name not in remote] + [
+        i.name
+        for i in ctx.config.indexes
+        if i.user not in remote or i.index not in remote[i.user].indexes
+    ]
+    if missing:
+        ctx.log.warning(
+            "replica: declared here but not on the primary (apply them there)",
+            primary=primary,
+            missing=missing,
+        )
+    else:
+        ctx.log.info("replica: all declared users and indexes are here", primary=primary)
 
 
 # --- verify -----------------------------------------------------------------------------------
 
 
 def primary_status(config: Config, timeout: float = 20) -> dict[str, Any]:
-    """The primary's /+status through its replication site, as this replica reaches it: same
-    URL, same CA, with the first user's basic auth (the site's answer to a non-replica)."""
-    devpi = config.devpi
-    assert devpi.primary_url is not None
-    context = ssl.create_default_context()
-    if devpi.primary_ca_file is not None:
-        context.load_verify_locations(cafile=str(devpi.primary_ca_file))
-    user = config.users[0]
-    token = base64.b64encode(f"{user.name}:{user.password}".encode()).decode()
+    """The primary's /+status as this replica's devpi reaches it: through Caddy's loopback
+    site, which presents the replica's certificate (and checks the primary's)."""
     request = urllib.request.Request(
-        f"{devpi.primary_url}/+status",
-        headers={"Accept": "application/json", "Authorization": f"Basic {token}"},
+        f"{primary_proxy_url(config)}/+status", headers={"Accept": "application/json"}
     )
-    # The primary is devpi too: the user's basic auth goes to it and to nothing in between.
-    with direct_http.urlopen(request, timeout=timeout, context=context) as response:
+    # Caddy's site on loopback: a proxy in between would break it and see the replica's data.
+    with direct_http.urlopen(request, timeout=timeout) as response:
         result: dict[str, Any] = json.load(response)["result"]
         return result
 
@@ -290,8 +425,9 @@ def replica_verdict(config: Config, wait: float = LAG_GRACE_SECONDS) -> tuple[bo
     )
 
 
-def _replication_port_status(config: Config, timeout: float = 15) -> int:
-    """What Caddy's replication site answers this host (anonymous GET /+api)."""
+def _replication_port_answer(config: Config, timeout: float = 15) -> str | None:
+    """What Caddy's replication site gives this host without a client certificate: None when
+    it refuses the TLS handshake (as it must), else the HTTP status line it answered with."""
     server = config.server
     port = config.devpi.replication_port
     assert port is not None
@@ -299,18 +435,24 @@ def _replication_port_status(config: Config, timeout: float = 15) -> int:
     # Trust is tls-certificate's business (the same certificate); this looks at the answer.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout) as raw,
-        context.wrap_socket(raw, server_hostname=server.domain) as sock,
-    ):
-        host = f"[{server.domain}]" if ":" in server.domain else server.domain
-        sock.sendall(
-            f"GET /+api HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-            "User-Agent: devpi-agent-verify\r\n\r\n".encode()
-        )
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        return response.status
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout) as raw,
+            context.wrap_socket(raw, server_hostname=server.domain) as sock,
+        ):
+            host = f"[{server.domain}]" if ":" in server.domain else server.domain
+            sock.sendall(
+                f"GET /+api HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+                "User-Agent: devpi-agent-verify\r\n\r\n".encode()
+            )
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            return f"HTTP {response.status}"
+    except ssl.SSLError:
+        # TLS 1.3 reports a refused client certificate on the first read, 1.2 in the handshake.
+        return None
+    except (ConnectionResetError, http.client.RemoteDisconnected, BrokenPipeError):
+        return None
 
 
 def primary_verdict(ctx: Context) -> tuple[bool, str]:
@@ -323,12 +465,12 @@ def primary_verdict(ctx: Context) -> tuple[bool, str]:
             f"devpi's server dir is {role or 'not initialised'}, not primary: replicas get "
             "nothing (devpi-agent apply restarts devpi with role primary)"
         )
-    status = _replication_port_status(config)
+    answer = _replication_port_answer(config)
     port = config.devpi.replication_port
-    if status not in (401, 403):
+    if answer is not None:
         return False, (
-            f"port {port} answers {status} to an anonymous request: it must admit only "
-            "replicas (403) or ask for a password (401)"
+            f"port {port} answers {answer} to a client without a replica certificate: it must "
+            "refuse the TLS handshake (devpi-agent apply writes that Caddyfile)"
         )
     local = devpi_status(config.devpi.port)
     now = time.time()
@@ -339,6 +481,6 @@ def primary_verdict(ctx: Context) -> tuple[bool, str]:
     ]
     replicas = "; ".join(seen) if seen else "no replica polled since devpi started"
     return True, (
-        f"role primary at serial {local.get('serial')}, port {port} answers {status} to "
-        f"anonymous requests; {replicas}"
+        f"role primary at serial {local.get('serial')}, port {port} refuses clients without "
+        f"a replica certificate; {replicas}"
     )

@@ -28,7 +28,14 @@ CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 os.environ.setdefault("DEVPI_AGENT_TEST_WORKDIR", str(STATE_DIR / "hosts"))
 
-from nspawn import NspawnHost, build_rootfs, cleanup_stale, default_cache_dir, free_port  # noqa: E402
+from nspawn import (  # noqa: E402
+    NspawnHost,
+    build_rootfs,
+    check_host_support,
+    cleanup_stale,
+    default_cache_dir,
+    free_port,
+)
 
 
 def config_text(https_port: int, devpi_port: int, admin_port: int, password: str) -> str:
@@ -124,6 +131,11 @@ def keeper(ready_fd: int) -> None:
 def up() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (sudo make demo): it boots a container", file=sys.stderr)
+        return 3
+    problems = check_host_support()
+    if problems:
+        for problem in problems:
+            print(f"make demo: {problem}", file=sys.stderr)
         return 3
     STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
     if STATE.exists():

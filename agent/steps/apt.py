@@ -19,7 +19,8 @@ from agent.runner import CommandFailed
 from agent.steps.base import Context, StepFailed
 
 NAME = "apt"
-PACKAGES = ["python3", "python3-venv", "supervisor", "caddy"]
+# openssl makes the replication CA and certificates (replica_pki.py).
+PACKAGES = ["python3", "python3-venv", "supervisor", "caddy", "openssl"]
 LISTS_DIR = Path("/var/lib/apt/lists")
 LISTS_MAX_AGE = 24 * 3600
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")

@@ -156,9 +156,19 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         devpi_port=ctx.config.devpi.port,
         outside_url=server.outside_url,
         role=ctx.config.devpi.role,
+        replication_port=ctx.config.devpi.replication_port,
         replication_site=f"{host}:{ctx.config.devpi.replication_port}",
         replica_addresses=ctx.config.devpi.replica_addresses,
+        replica_ca_file=replication.REPLICA_CA_COPY,
+        replica_fingerprints=replication.replica_fingerprints(ctx),
         primary_host=replication.primary_host(ctx.config),
+        primary_url=ctx.config.devpi.primary_url,
+        primary_proxy_port=ctx.config.devpi.primary_proxy_port,
+        replica_client_cert=replication.CLIENT_CERT_COPY,
+        replica_client_key=replication.CLIENT_KEY_COPY,
+        primary_ca=(
+            replication.PRIMARY_CA_COPY if ctx.config.devpi.primary_ca_file is not None else None
+        ),
     )
 
 
@@ -275,6 +285,11 @@ def converge(ctx: Context) -> None:
             )
     wait_for_https(ctx)
     ctx.clear_pending(RELOAD_PENDING)
+    if replication.is_replica(ctx.config):
+        # A replica's devpi reaches its primary through Caddy (the loopback site that presents
+        # its certificate), so its first pull can only be waited for from here.
+        replication.wait_for_first_sync(ctx)
+        replication.report_replicated_users(ctx)
 
 
 def _roll_back(ctx: Context, previous: str | None) -> None:

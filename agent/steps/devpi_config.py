@@ -25,7 +25,7 @@ def content(ctx: Context) -> str:
         indexer=devpi.indexer,
         argon2=devpi.argon2_cost,
         role=devpi.role,
-        primary_url=devpi.primary_url,
+        primary_url=replication.primary_proxy_url(ctx.config),
     )
 
 

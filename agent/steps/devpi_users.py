@@ -26,7 +26,11 @@ PYPI_MIRROR = ("root", "pypi")
 
 def converge(ctx: Context) -> None:
     if replication.is_replica(ctx.config):
-        _report_replicated(ctx)
+        # Checked once the replica has synced (the caddy step, which brings up its way to the
+        # primary): declared ones the primary lacks are named there.
+        ctx.log.info(
+            "replica: users and indexes come from the primary", primary=ctx.config.devpi.primary_url
+        )
         return
     if ctx.check and not _reachable(ctx):
         ctx.change(f"create the PyPI mirror {'/'.join(PYPI_MIRROR)} (devpi is not running yet)")
@@ -44,35 +48,6 @@ def converge(ctx: Context) -> None:
 
 def _reachable(ctx: Context) -> bool:
     return devpi_api_answers(ctx.config.devpi.port)
-
-
-def _report_replicated(ctx: Context) -> None:
-    """A replica gets users and indexes from its primary (and relays changes there): nothing is
-    made here; declared ones the primary lacks are named, since their logins would fail."""
-    primary = ctx.config.devpi.primary_url
-    try:
-        remote = DevpiApi(ctx.config.devpi.port).users() if _reachable(ctx) else None
-    except DevpiError:
-        remote = None
-    if remote is None:
-        ctx.log.info("replica: users and indexes come from the primary", primary=primary)
-        return
-    missing = [u.name for u in ctx.config.users if u.name not in remote] + [
-        i.name
-        for i in ctx.config.indexes
-        if i.user not in remote or i.index not in remote[i.user].indexes
-    ]
-    if missing:
-        ctx.log.warning(
-            "replica: declared here but not on the primary (apply them there)",
-            primary=primary,
-            missing=missing,
-        )
-    else:
-        ctx.log.info(
-            "replica: users and indexes come from the primary; all declared ones are here",
-            primary=primary,
-        )
 
 
 def _converge(ctx: Context, api: DevpiApi) -> None:

@@ -176,8 +176,7 @@ def converge(ctx: Context) -> None:
     crashpoint("supervisor:before-ready")
     wait_for_devpi(ctx)
     ctx.clear_pending(RESTART_PENDING)
-    if replication.is_replica(ctx.config):
-        # Its mirror and users come from the primary: nothing to warm before the first pull.
-        replication.wait_for_first_sync(ctx)
-    if started:
+    # A replica's mirror and users come from the primary: nothing to warm; the caddy step waits
+    # for its first pull.
+    if started and not replication.is_replica(ctx.config):
         warm_mirror(ctx)

@@ -8,6 +8,8 @@ Runs before the caddy step, so a problem stops the run while the old configurati
 - "files": cert_file and key_file must match, cover server.domain and be in date; they are
   copied to /etc/caddy/tls (key 0640 root:caddy), and a changed copy reloads Caddy (Caddy
   does not watch certificate files).
+- replication: a primary's CA and its replicas' client certificates made or kept
+  (replica_pki.py), a replica's own certificate checked; Caddy gets its copies the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from agent import tls
+from agent import replication, tls
 from agent.steps.base import Context, StepFailed
 from agent.steps.caddy import CADDYFILE, RELOAD_PENDING
 from agent.x509 import Address, Certificate
@@ -51,6 +53,7 @@ def converge(ctx: Context) -> None:
             _log_certificate(ctx, pair.leaf)
     except tls.TlsProblem as problem:
         raise StepFailed(str(problem)) from None
+    wanted.update(replication.converge_certificates(ctx))
     _install(ctx, wanted)
 
 
@@ -104,11 +107,11 @@ def _install(ctx: Context, wanted: dict[Path, bytes]) -> None:
         # Marked before the writes: a run killed in between must still reload next time.
         ctx.mark_pending(RELOAD_PENDING)
     for path, data in wanted.items():
-        private = path == tls.KEY_COPY
+        private = path == tls.KEY_COPY or path in replication.PRIVATE_COPIES
         mode = 0o640 if private else 0o644
         ctx.write(path, data, mode=mode, owner="root", group="caddy", secret=private)
     live = ctx.files.read(CADDYFILE) or ""
-    for path in (tls.CERT_COPY, tls.KEY_COPY, tls.ACME_CA_ROOT_COPY):
+    for path in (tls.CERT_COPY, tls.KEY_COPY, tls.ACME_CA_ROOT_COPY, *replication.CADDY_COPIES):
         # Only once the live Caddyfile no longer names it: a restart of Caddy must find it.
         if path not in wanted and str(path) not in live and ctx.files.remove(path):
             ctx.change(f"remove {path}")

@@ -2,6 +2,10 @@
 
 These tests never skip: on a machine that cannot run them (not root, no
 mmdebstrap/systemd-nspawn) they fail with a message saying what is missing.
+
+A test module that sets ``SUITES = ("bookworm", "trixie")`` runs once per Debian release: its
+``rootfs`` (and every fixture built on it) is made per suite, and test ids end in ``[trixie]``.
+Other modules run on ``DEVPI_AGENT_TEST_SUITE`` (default bookworm).
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ from nspawn import (
     cleanup_stale,
     default_cache_dir,
 )
+from rootfs import SUITES, default_suite
 
 _HERE = Path(__file__).resolve().parent
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    suites = getattr(metafunc.module, "SUITES", None)
+    if suites and "suite" in metafunc.fixturenames:
+        unknown = set(suites) - set(SUITES)
+        assert not unknown, f"{metafunc.module.__name__}: unknown suites {unknown}"
+        metafunc.parametrize("suite", list(suites), indirect=True, scope="module")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -46,9 +59,15 @@ def _test_failed(node: pytest.Item) -> bool:
     return any(r.failed for r in reports.values())
 
 
-@pytest.fixture(scope="session")
-def rootfs() -> Path:
-    """The cached base rootfs (built on first use; see nspawn.build_rootfs)."""
+@pytest.fixture(scope="module")
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian release of this module's hosts (see the module docstring)."""
+    return str(getattr(request, "param", None) or default_suite())
+
+
+@pytest.fixture(scope="module")
+def rootfs(suite: str) -> Path:
+    """The cached base rootfs of `suite` (built on first use; see rootfs.build_rootfs)."""
     problems = check_host_support()
     if problems:
         pytest.fail(
@@ -58,10 +77,10 @@ def rootfs() -> Path:
     cleanup_stale()
     t0 = time.monotonic()
     try:
-        path = build_rootfs(default_cache_dir())
+        path = build_rootfs(default_cache_dir(), suite=suite)
     except HostError as exc:
         pytest.fail(f"building the test rootfs failed: {exc}", pytrace=False)
-    print(f"rootfs {path} ready in {time.monotonic() - t0:.1f}s")
+    print(f"{suite} rootfs {path} ready in {time.monotonic() - t0:.1f}s")
     return path
 
 

@@ -27,12 +27,8 @@ Environment variables:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import fcntl
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -46,35 +42,51 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol
 
+from hostprocs import (
+    HostError,
+    children,
+    cmdline,
+    comm,
+    ensure_child_setup,
+    kill_nsenter_group,
+    make_cgroups,
+    pid_alive,
+    remove_cgroup_tree,
+    remove_nspawn_runtime_dirs,
+    safe_rmtree,
+    same_ns,
+    tail,
+    tool,
+    umount_all,
+)
+from rootfs import (
+    BASE_HOSTNAME,
+    ETC_HOSTS,
+    INNER_PATH,
+    build_rootfs,
+    default_cache_dir,
+)
+
+# The names tests import from here, whichever module holds them now.
+__all__ = [
+    "BASE_HOSTNAME",
+    "ETC_HOSTS",
+    "HostCommandError",
+    "HostError",
+    "HostFactory",
+    "NspawnHost",
+    "build_rootfs",
+    "check_host_support",
+    "cleanup_stale",
+    "default_cache_dir",
+    "free_port",
+    "running_host",
+]
+
 # --------------------------------------------------------------------------- constants
 
-SUITE = "bookworm"
-#: Packages baked into the base rootfs.  Do NOT add what the product installs itself
-#: (supervisor, caddy, python3-venv, ...): the tests must see it install them.
-PACKAGES: tuple[str, ...] = ("systemd-sysv", "dbus", "ca-certificates", "python3")
-#: Same mirror as the host's own apt configuration (deb.debian.org, incl. security).
-MIRRORS: tuple[str, ...] = (
-    f"deb http://deb.debian.org/debian {SUITE} main",
-    f"deb http://deb.debian.org/debian {SUITE}-updates main",
-    f"deb http://deb.debian.org/debian-security {SUITE}-security main",
-)
-HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
-DEFAULT_CACHE_DIR = Path("/var/cache/devpi-agent-tests")
-#: PATH used for every command run inside a host (plus HOME=/root, plus caller's env).
-INNER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-#: Timers that would start apt/dpkg behind the tests' back (dpkg lock contention).
-MASKED_UNITS: tuple[str, ...] = (
-    "apt-daily.timer",
-    "apt-daily.service",
-    "apt-daily-upgrade.timer",
-    "apt-daily-upgrade.service",
-)
-ETC_HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-BASE_HOSTNAME = "devpi-test"
 #: Mounted by systemd-nspawn inside the container: not visible in the rootfs dir.
 VOLATILE_MOUNTS: tuple[str, ...] = ("/run", "/tmp", "/dev", "/proc", "/sys")
-#: Bump when the post-mmdebstrap customisation changes (it is part of the cache key).
-RECIPE_VERSION = 1
 
 REQUIRED_TOOLS: tuple[str, ...] = (
     "mmdebstrap",
@@ -87,13 +99,6 @@ REQUIRED_TOOLS: tuple[str, ...] = (
 )
 
 RootfsMode = Literal["auto", "overlay", "copy"]
-
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-class HostError(RuntimeError):
-    """A test host could not be built, booted or stopped."""
 
 
 class HostCommandError(subprocess.CalledProcessError):
@@ -123,10 +128,6 @@ def free_port() -> int:
         return port
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DEVPI_AGENT_TEST_CACHE") or DEFAULT_CACHE_DIR)
-
-
 def default_workdir() -> Path:
     base = os.environ.get("DEVPI_AGENT_TEST_WORKDIR") or tempfile.gettempdir()
     return Path(base) / "devpi-agent-nspawn"
@@ -142,356 +143,12 @@ def check_host_support() -> list[str]:
         problems.append(
             "missing tools: "
             + ", ".join(missing)
-            + " (apt-get install mmdebstrap systemd-container util-linux coreutils)"
+            + " (sudo make prereqs, or sudo tools/install-prereqs.sh, installs them)"
         )
     return problems
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise HostError(f"{name} not found in PATH")
-    return path
-
-
-def _tail(path: Path, chars: int = 6000) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return data[-chars:].decode(errors="replace")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (scans /proc; works for multi-threaded parents)."""
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ..." -- comm may contain spaces/parens.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def _pgid_members(pgid: int) -> list[int]:
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rfind(")") + 2 :].split()[2]) == pgid:
-                    found.append(int(entry.name))
-    return found
-
-
-def _kill_nsenter_group(proc: subprocess.Popen[bytes]) -> None:
-    """Kill a timed-out ``nsenter`` command: the command(s) first, nsenter last.
-
-    nsenter forks the command into the container's PID namespace.  If nsenter
-    died first, its child would be reparented to the *host's* init, and as an
-    unreaped zombie it would hold up the container's shutdown (systemd-shutdown
-    waits 10 s for it).  So kill everything else in the process group, let
-    nsenter reap its child and exit, and only then kill nsenter if still needed.
-    """
-    for pid in _pgid_members(proc.pid):
-        if pid != proc.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _same_ns(pid: int, ns: str) -> bool:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
-    except OSError:
-        return True
-
-
-_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below ``path`` in the host mount namespace, deepest first."""
-    prefix = str(path.resolve())
-    found: list[Path] = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            mnt = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if mnt == prefix or mnt.startswith(prefix + "/"):
-                found.append(Path(mnt))
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def _umount_all(path: Path) -> None:
-    for mnt in _mounts_under(path):
-        for attempt in range(20):
-            res = subprocess.run([_tool("umount"), str(mnt)], capture_output=True, check=False)
-            if res.returncode == 0 or not _mounts_under(mnt):
-                break
-            if attempt == 19:
-                subprocess.run([_tool("umount"), "-l", str(mnt)], check=False)
-            time.sleep(0.1)
-    left = _mounts_under(path)
-    if left:
-        raise HostError(f"could not unmount {left}")
-
-
-def _safe_rmtree(path: Path) -> None:
-    """Remove ``path`` -- but never while anything is mounted below it."""
-    if not path.exists():
-        return
-    _umount_all(path)
-    shutil.rmtree(path)
-
-
-# --------------------------------------------------------------------------- cgroups
-#
-# Without host systemd, systemd-nspawn --keep-unit splits *its own* cgroup into
-# ".../supervisor" and ".../payload".  Two containers started from the same cgroup
-# (e.g. the root cgroup here) would therefore share ".../payload" and their inner
-# systemds would manage the very same unit cgroups (both journalds end up in
-# /payload/system.slice/systemd-journald.service).  So every nspawn is first moved
-# into a cgroup of its own.
-
-
-def _cgroup_hierarchies() -> list[Path]:
-    """Our own cgroup dir in the hierarchies systemd uses (cgroup2 and name=systemd)."""
-    own: dict[str, str] = {}
-    with open("/proc/self/cgroup") as fh:
-        for line in fh:
-            hid, controllers, cpath = line.rstrip("\n").split(":", 2)
-            if hid == "0" and controllers == "":
-                own["cgroup2"] = cpath
-            elif "name=systemd" in controllers.split(","):
-                own["name=systemd"] = cpath
-    dirs: list[Path] = []
-    with open("/proc/self/mounts") as fh:
-        for line in fh:
-            _dev, mnt, fstype, opts, *_ = line.split()
-            key = None
-            if fstype == "cgroup2":
-                key = "cgroup2"
-            elif fstype == "cgroup" and "name=systemd" in opts.split(","):
-                key = "name=systemd"
-            if key is None or key not in own:
-                continue
-            candidate = Path(mnt) / own[key].lstrip("/")
-            if candidate.is_dir():
-                dirs.append(candidate)
-    return dirs
-
-
-def _remove_nspawn_runtime_dirs(machine: str) -> None:
-    """nspawn leaves /run/systemd/nspawn/propagate/<machine> behind if it is killed."""
-    with contextlib.suppress(OSError):
-        (Path("/run/systemd/nspawn/propagate") / machine).rmdir()
-
-
-def _make_cgroups(machine: str) -> list[Path]:
-    made: list[Path] = []
-    for hierarchy in _cgroup_hierarchies():
-        cg = hierarchy / "devpi-agent-tests" / machine
-        try:
-            cg.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        made.append(cg)
-    return made
-
-
-def _remove_cgroup_tree(cg: Path, timeout: float = 5.0) -> None:
-    if not cg.is_dir():
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        dirs = sorted(
-            (Path(d) for d, _subdirs, _files in os.walk(cg)),
-            key=lambda p: len(p.parts),
-            reverse=True,
-        )
-        busy = False
-        for d in dirs:
-            try:
-                d.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                busy = True
-        if not busy or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    with contextlib.suppress(OSError):
-        cg.parent.rmdir()  # "devpi-agent-tests"; fails harmlessly while others use it
-
-
-# --------------------------------------------------------------------------- rootfs
-
-
-def _host_ca_certs() -> list[tuple[str, bytes]]:
-    if not HOST_CA_DIR.is_dir():
-        return []
-    return sorted(
-        (str(p.relative_to(HOST_CA_DIR)), p.read_bytes())
-        for p in HOST_CA_DIR.rglob("*.crt")
-        if p.is_file()
-    )
-
-
-def _mmdebstrap_argv(target: Path | None) -> list[str]:
-    return [
-        "mmdebstrap",
-        "--variant=minbase",
-        "--mode=root",
-        "--include=" + ",".join(PACKAGES),
-        SUITE,
-        str(target) if target is not None else "<TARGET>",
-        *MIRRORS,
-    ]
-
-
-def rootfs_key(ca_certs: Sequence[tuple[str, bytes]] | None = None) -> str:
-    """Cache key: hash of everything that goes into the base rootfs."""
-    certs = _host_ca_certs() if ca_certs is None else ca_certs
-    h = hashlib.sha256()
-    recipe = {
-        "recipe": RECIPE_VERSION,
-        "argv": _mmdebstrap_argv(None),
-        "suite": SUITE,
-        "packages": list(PACKAGES),
-        "mirrors": list(MIRRORS),
-        "hosts": ETC_HOSTS,
-        "hostname": BASE_HOSTNAME,
-        "masked": list(MASKED_UNITS),
-    }
-    h.update(json.dumps(recipe, sort_keys=True).encode())
-    for name, data in certs:
-        h.update(b"\0cert\0" + name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return h.hexdigest()[:16]
-
-
-def _customize_rootfs(root: Path, ca_certs: Sequence[tuple[str, bytes]]) -> None:
-    (root / "etc/hosts").write_text(ETC_HOSTS)
-    (root / "etc/hostname").write_text(BASE_HOSTNAME + "\n")
-    # An empty /etc/machine-id (mmdebstrap's default) makes every boot generate
-    # a fresh one, so copies do not share an id.
-    (root / "etc/machine-id").write_text("")
-    for unit in MASKED_UNITS:
-        link = root / "etc/systemd/system" / unit
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to("/dev/null")
-    ca_dir = root / HOST_CA_DIR.relative_to("/")
-    for name, data in ca_certs:
-        dest = ca_dir / name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-        dest.chmod(0o644)
-    if ca_certs:
-        subprocess.run(
-            [_tool("chroot"), str(root), "update-ca-certificates"],
-            env={"PATH": INNER_PATH, "LANG": "C.UTF-8"},
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
-
-
-def build_rootfs(cache_dir: Path | None = None, *, timeout: float = 1800) -> Path:
-    """Return the cached base rootfs directory, building it first if needed.
-
-    The directory is ``<cache_dir>/rootfs-<key>`` where the key hashes the
-    mmdebstrap command line, package list, suite, mirrors, the customisation and
-    the host CA certificates baked in.  Building happens in a temp dir next to it
-    and is renamed into place; an flock serialises concurrent pytest workers.
-    The result must be treated as read-only: hosts use it as an overlay lowerdir.
-    """
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    certs = _host_ca_certs()
-    key = rootfs_key(certs)
-    final = cache_dir / f"rootfs-{key}"
-    if final.is_dir():
-        return final
-    with open(cache_dir / "rootfs.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if final.is_dir():
-            return final
-        # We hold the lock, so any leftover temp dir is from a crashed build.
-        for stale in cache_dir.glob(".tmp-rootfs-*"):
-            _safe_rmtree(stale)
-        tmp = cache_dir / f".tmp-rootfs-{key}-{os.getpid()}"
-        log = cache_dir / f"rootfs-{key}.build.log"
-        try:
-            with open(log, "wb") as log_fh:
-                argv = _mmdebstrap_argv(tmp)
-                argv[0] = _tool("mmdebstrap")
-                res = subprocess.run(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                    check=False,
-                )
-            if res.returncode != 0:
-                raise HostError(
-                    f"mmdebstrap failed (exit {res.returncode}); log {log}:\n{_tail(log)}"
-                )
-            _customize_rootfs(tmp, certs)
-            os.rename(tmp, final)
-        except BaseException:
-            _safe_rmtree(tmp)
-            raise
-    return final
-
-
 # --------------------------------------------------------------------------- hosts
-
-
-def _ensure_child_setup(cgroups: Sequence[Path]) -> None:
-    """preexec_fn for systemd-nspawn (runs between fork and exec)."""
-    # If the test process dies, nspawn gets SIGTERM and shuts the container down
-    # (nspawn itself gives its payload PDEATHSIG=SIGKILL).
-    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    for cg in cgroups:
-        with contextlib.suppress(OSError):
-            (cg / "cgroup.procs").write_text("0\n")
 
 
 def _env_rootfs_mode() -> RootfsMode:
@@ -570,14 +227,14 @@ class NspawnHost:
                         raise
             if self.mode is None:
                 subprocess.run(
-                    [_tool("cp"), "-a", "--reflink=auto", str(self.base_rootfs), str(self.root)],
+                    [tool("cp"), "-a", "--reflink=auto", str(self.base_rootfs), str(self.root)],
                     check=True,
                     capture_output=True,
                 )
                 self.mode = "copy"
             (self.root / "etc/hostname").write_text(self.machine + "\n")
         except BaseException:
-            _safe_rmtree(self.dir)
+            safe_rmtree(self.dir)
             raise
         self._prepared = True
         self.timings["prepare"] = time.monotonic() - t0
@@ -590,7 +247,7 @@ class NspawnHost:
             d.mkdir()
         opts = f"lowerdir={self.base_rootfs},upperdir={upper},workdir={work}"
         res = subprocess.run(
-            [_tool("mount"), "-t", "overlay", "overlay", "-o", opts, str(self.root)],
+            [tool("mount"), "-t", "overlay", "overlay", "-o", opts, str(self.root)],
             capture_output=True,
             check=False,
         )
@@ -621,9 +278,9 @@ class NspawnHost:
         self.prepare()
         self.systemd = systemd
         t0 = time.monotonic()
-        self._cgroups = _make_cgroups(self.machine)
+        self._cgroups = make_cgroups(self.machine)
         argv = [
-            _tool("systemd-nspawn"),
+            tool("systemd-nspawn"),
             "--quiet",
             f"--directory={self.root}",
             f"--machine={self.machine}",
@@ -643,7 +300,7 @@ class NspawnHost:
                 stderr=subprocess.STDOUT,
                 env={"PATH": os.environ.get("PATH", INNER_PATH), "SYSTEMD_COLORS": "0"},
                 start_new_session=True,
-                preexec_fn=lambda: _ensure_child_setup(cgroups),
+                preexec_fn=lambda: ensure_child_setup(cgroups),
             )
         self._write_state()
         deadline = t0 + timeout
@@ -663,7 +320,7 @@ class NspawnHost:
         if self._proc.poll() is not None:
             raise HostError(
                 f"systemd-nspawn for {self.machine} exited with {self._proc.returncode}:\n"
-                + _tail(self.log_path)
+                + tail(self.log_path)
             )
 
     def _poll(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
@@ -673,7 +330,7 @@ class NspawnHost:
                 return
             if time.monotonic() > deadline:
                 raise HostError(
-                    f"timed out waiting for {what} ({self.machine}):\n" + _tail(self.log_path)
+                    f"timed out waiting for {what} ({self.machine}):\n" + tail(self.log_path)
                 )
             time.sleep(0.1)
 
@@ -690,11 +347,11 @@ class NspawnHost:
         want = "systemd" if self.systemd else "(sd-stubinit)"
 
         def ready() -> bool:
-            for child in _children(nspawn_pid):
-                if _same_ns(child, "pid") or _comm(child) != want:
+            for child in children(nspawn_pid):
+                if same_ns(child, "pid") or comm(child) != want:
                     continue
                 # --as-pid2: the stub init forks the payload after all setup.
-                if self.systemd or _children(child):
+                if self.systemd or children(child):
                     found.append(child)
                     return True
             return False
@@ -781,13 +438,13 @@ class NspawnHost:
             self._wait_gone(self._leader, 10)
         self.timings["stop"] = time.monotonic() - t0
         for cg in self._cgroups:
-            _remove_cgroup_tree(cg)
-        _remove_nspawn_runtime_dirs(self.machine)
+            remove_cgroup_tree(cg)
+        remove_nspawn_runtime_dirs(self.machine)
         try:
             if os.environ.get("DEVPI_AGENT_TEST_KEEP") == "1":
-                _umount_all(self.dir)
+                umount_all(self.dir)
             else:
-                _safe_rmtree(self.dir)
+                safe_rmtree(self.dir)
         except (HostError, OSError) as exc:
             errors.append(f"cleanup of {self.dir}: {exc}")
         self.timings["stop_total"] = time.monotonic() - t0
@@ -810,13 +467,13 @@ class NspawnHost:
         except subprocess.TimeoutExpired:
             raise HostError(
                 f"{self.machine}: orderly shutdown took more than {timeout}s:\n"
-                + _tail(self.log_path)
+                + tail(self.log_path)
             ) from None
         if self._leader is not None:
             self._wait_gone(self._leader, 10)
         for cg in self._cgroups:
-            _remove_cgroup_tree(cg)
-        _remove_nspawn_runtime_dirs(self.machine)
+            remove_cgroup_tree(cg)
+        remove_nspawn_runtime_dirs(self.machine)
         self._proc = None
         self._leader = None
         self._cgroups = []
@@ -850,7 +507,7 @@ class NspawnHost:
         full_env = {"PATH": INNER_PATH, "HOME": "/root"}
         if env:
             full_env.update(env)
-        cmd = [_tool("nsenter"), "-t", str(self.pid), "-a", "--", *argv]
+        cmd = [tool("nsenter"), "-t", str(self.pid), "-a", "--", *argv]
         with subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
@@ -863,7 +520,7 @@ class NspawnHost:
             try:
                 out, err = proc.communicate(input, timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_nsenter_group(proc)
+                kill_nsenter_group(proc)
                 out, err = proc.communicate()
                 raise subprocess.TimeoutExpired(list(argv), timeout, out, err) from None
         res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
@@ -922,7 +579,7 @@ class NspawnHost:
 
     def logs(self) -> str:
         """systemd-nspawn's output: the container console (boot messages)."""
-        return _tail(self.log_path, 200_000) if self.log_path.exists() else ""
+        return tail(self.log_path, 200_000) if self.log_path.exists() else ""
 
     def journal(self, unit: str | None = None, lines: int = 300) -> str:
         """``journalctl`` output inside the host (whole journal or one unit)."""
@@ -976,22 +633,22 @@ def cleanup_stale(workdir: Path | None = None) -> list[str]:
         except (OSError, ValueError):
             continue
         owner = state.get("owner")
-        if isinstance(owner, int) and _pid_alive(owner):
+        if isinstance(owner, int) and pid_alive(owner):
             continue
         machine = str(state.get("machine", d.name))
         nspawn = state.get("nspawn")
-        if isinstance(nspawn, int) and f"--machine={machine}" in _cmdline(nspawn):
-            for child in _children(nspawn):
+        if isinstance(nspawn, int) and f"--machine={machine}" in cmdline(nspawn):
+            for child in children(nspawn):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(nspawn, signal.SIGKILL)
             NspawnHost._wait_gone(nspawn, 10)
         for cg in state.get("cgroups", []):
-            _remove_cgroup_tree(Path(cg))
-        _remove_nspawn_runtime_dirs(machine)
+            remove_cgroup_tree(Path(cg))
+        remove_nspawn_runtime_dirs(machine)
         try:
-            _safe_rmtree(d)
+            safe_rmtree(d)
         except (HostError, OSError):
             continue
         cleaned.append(machine)

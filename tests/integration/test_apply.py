@@ -1,7 +1,9 @@
-"""`devpi-agent apply` on a fresh Debian 12 host with real systemd, driven from outside with the
-real clients (twine, pip, uv) through Caddy with basic auth.
+"""`devpi-agent apply` on a fresh Debian host with real systemd, driven from outside with the
+real clients (twine, pip, uv) through Caddy with basic auth; on Debian 12 and 13 (Python 3.11,
+and 3.13 whose venv has no setuptools, as on Ubuntu 24.04).
 
-One host is converged once per module; the tests then each check one thing a user relies on.
+One host is converged once per module and suite; the tests then each check one thing a user
+relies on.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from clients import (
     uv_install,
 )
 from nspawn import NspawnHost
+
+SUITES = ("bookworm", "trixie")
 
 
 @dataclass

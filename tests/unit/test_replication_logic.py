@@ -23,9 +23,10 @@ from conftest import (
     result,
 )
 
-from agent import backup, replication, verify
+from agent import backup, replica_pki, replication, verify
 from agent.config import Config, ConfigError, parse
-from agent.runner import Result
+from agent.replica_pki import Bundle
+from agent.runner import Result, ShRunner
 from agent.steps import caddy, devpi_config, devpi_init, devpi_users, supervisor, upgrade
 from agent.steps.base import StepFailed
 
@@ -47,11 +48,23 @@ X1DiijY=
 """
 
 
+@pytest.fixture(scope="session")
+def pki() -> tuple[Bundle, Bundle]:
+    """A replication CA and the certificate it issued to replica eu-1, made by the agent's own
+    code with the real openssl."""
+    ca = replica_pki.new_ca(ShRunner())
+    return ca, replica_pki.issue(ShRunner(), ca, "eu-1")
+
+
 @pytest.fixture
-def secret_file(tmp_path: Path) -> Path:
+def secret_file(tmp_path: Path, pki: tuple[Bundle, Bundle]) -> Path:
     path = tmp_path / "etc-secret"
     path.write_bytes(SECRET)
     path.chmod(0o600)
+    # The replica's certificate beside it (replica_data names it).
+    cert = tmp_path / "replica.pem"
+    cert.write_bytes(pki[1].pem)
+    cert.chmod(0o600)
     return path
 
 
@@ -68,6 +81,7 @@ def primary_data(secret_file: Path | None = None) -> dict[str, Any]:
         "role": "primary",
         "replication_port": 8444,
         "replica_addresses": ["10.0.0.5", "10.0.1.0/24", "2001:db8::7"],
+        "replicas": ["eu-1"],
     }
     if secret_file is not None:
         data["devpi"]["secret_file"] = str(secret_file)
@@ -81,6 +95,7 @@ def replica_data(secret_file: Path, ca_file: Path | None = None) -> dict[str, An
         "role": "replica",
         "primary_url": "https://pypi.example.com:8444",
         "secret_file": str(secret_file),
+        "replica_cert_file": str(secret_file.parent / "replica.pem"),
     }
     if ca_file is not None:
         data["devpi"]["primary_ca_file"] = str(ca_file)
@@ -156,7 +171,7 @@ def test_unknown_role() -> None:
     assert '"standalone", "primary", "replica"' in error.message
 
 
-@pytest.mark.parametrize("missing", ["replication_port", "replica_addresses"])
+@pytest.mark.parametrize("missing", ["replication_port", "replica_addresses", "replicas"])
 def test_primary_needs(missing: str) -> None:
     data = primary_data()
     del data["devpi"][missing]
@@ -165,7 +180,7 @@ def test_primary_needs(missing: str) -> None:
     assert 'required with role = "primary"' in error.message
 
 
-@pytest.mark.parametrize("missing", ["primary_url", "secret_file"])
+@pytest.mark.parametrize("missing", ["primary_url", "secret_file", "replica_cert_file"])
 def test_replica_needs(secret_file: Path, missing: str) -> None:
     data = replica_data(secret_file)
     del data["devpi"][missing]
@@ -196,11 +211,13 @@ def test_bad_replica_addresses(addresses: object, key: str, message: str) -> Non
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("pypi.example.com:8444", "not an https:// (or http://) URL"),
-        ("ftp://pypi.example.com", "not an https:// (or http://) URL"),
-        ("https://", "not an https:// (or http://) URL"),
-        ("https://pypi.example.com:99999", "not an https:// (or http://) URL"),
-        ("https://pypi.example.com/ x", "not an https:// (or http://) URL"),
+        ("pypi.example.com:8444", "not an https:// URL"),
+        ("ftp://pypi.example.com", "not an https:// URL"),
+        ("https://", "not an https:// URL"),
+        ("https://pypi.example.com:99999", "not an https:// URL"),
+        ("https://pypi.example.com/ x", "not an https:// URL"),
+        # Relayed uploads carry users' passwords: never in clear text.
+        ("http://10.0.0.1:4040", "not an https:// URL"),
         ("https://devops:pw@pypi.example.com:8444", "must not hold credentials"),
         ("https://pypi.example.com:8444/devops/pypi/+simple/", "has a path"),
         ("https://pypi.example.com:8444/?x=1", "has a path"),
@@ -214,17 +231,62 @@ def test_bad_primary_url(secret_file: Path, url: str, message: str) -> None:
     assert message in error.message
 
 
-def test_http_primary_url_is_accepted(secret_file: Path) -> None:
+@pytest.mark.parametrize(
+    ("names", "key", "message"),
+    [
+        ([], "devpi.replicas", "at least one"),
+        (["eu-1", "eu-1"], "devpi.replicas[1]", "listed twice"),
+        (["EU 1"], "devpi.replicas[0]", "lowercase letters, digits and dashes"),
+        (["../etc"], "devpi.replicas[0]", "lowercase letters, digits and dashes"),
+        (["-x"], "devpi.replicas[0]", "lowercase letters, digits and dashes"),
+        ([7], "devpi.replicas[0]", "expected a string"),
+    ],
+)
+def test_bad_replica_names(names: object, key: str, message: str) -> None:
+    data = primary_data()
+    data["devpi"]["replicas"] = names
+    error = error_of(data)
+    assert (error.key, message in error.message) == (key, True), error
+
+
+@pytest.mark.parametrize("role", ["primary", "replica"])
+@pytest.mark.parametrize("version", ["6.20.1", "6.9.0", "5.5.0"])
+def test_replication_refuses_a_devpi_that_leaks_its_changelog(
+    secret_file: Path, role: str, version: str
+) -> None:
+    data = primary_data() if role == "primary" else replica_data(secret_file)
+    data["devpi"]["server_version"] = version
+    error = error_of(data)
+    assert error.key == "devpi.server_version"
+    assert "6.20.2" in error.message and "changelog" in error.message
+
+
+@pytest.mark.parametrize("version", ["6.20.2", "6.20.3", "7.0.0"])
+def test_replication_accepts_a_fixed_devpi(version: str) -> None:
+    data = primary_data()
+    data["devpi"]["server_version"] = version
+    assert parse(data).devpi.server_version == version
+
+
+def test_replica_cert_file_must_exist(secret_file: Path, tmp_path: Path) -> None:
     data = replica_data(secret_file)
-    data["devpi"]["primary_url"] = "http://10.0.0.1:4040"
-    assert parse(data).devpi.primary_url == "http://10.0.0.1:4040"
+    data["devpi"]["replica_cert_file"] = str(tmp_path / "missing.pem")
+    error = error_of(data)
+    assert (error.key, "does not exist" in error.message) == ("devpi.replica_cert_file", True)
+
+
+def test_primary_proxy_port_collides(secret_file: Path) -> None:
+    data = replica_data(secret_file)
+    data["devpi"]["primary_proxy_port"] = 4040
+    error = error_of(data)
+    assert (error.key, "already devpi.port" in error.message) == ("devpi.primary_proxy_port", True)
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [(b"tiny-Qx7\n", "too short or too uniform"), (b"ab" * 32, "too short or too uniform")],
 )
-def test_weak_secret_file(tmp_path: Path, content: bytes, message: str) -> None:
+def test_weak_secret_file(tmp_path: Path, secret_file: Path, content: bytes, message: str) -> None:
     weak = tmp_path / "weak"
     weak.write_bytes(content)
     error = error_of(replica_data(weak))
@@ -233,7 +295,7 @@ def test_weak_secret_file(tmp_path: Path, content: bytes, message: str) -> None:
     assert content.decode().strip() not in str(error)
 
 
-def test_missing_secret_file(tmp_path: Path) -> None:
+def test_missing_secret_file(tmp_path: Path, secret_file: Path) -> None:
     error = error_of(replica_data(tmp_path / "nope"))
     assert error.key == "devpi.secret_file"
     assert "does not exist" in error.message
@@ -290,19 +352,50 @@ def test_caddyfile_replica_golden(
     assert_golden(f"Caddyfile-{'.'.join(map(str, version))}-replica", rendered)
 
 
-def test_caddyfile_primary_site_admits_replicas_only(tmp_path: Path) -> None:
+def test_caddyfile_primary_site_admits_issued_certificates_only(
+    tmp_path: Path, pki: tuple[Bundle, Bundle]
+) -> None:
     ctx = make_ctx(tmp_path, primary_config(), FakeRunner())
+    issued = tmp_path / str(replica_pki.issued_file("eu-1")).lstrip("/")
+    issued.parent.mkdir(parents=True)
+    issued.write_bytes(pki[1].pem)
     rendered = caddy.content(ctx, (2, 6, 2), CURRENT)
     main, replication_site = rendered.split("\npypi.example.com:8444 {\n")
     # The main site keeps the changelog closed to everyone.
     assert 'respond @changelog "Forbidden" 403' in main
-    assert "@replicas remote_ip 10.0.0.5 10.0.1.0/24 2001:db8::7\n" in replication_site
-    assert "\ttls internal\n" in replication_site
-    assert f"\t\t\tdevops {DEVOPS_HASH}\n" in replication_site
-    assert "\t\tbasicauth @relayed {\n" in replication_site
+    assert "\ttls internal {\n\t\tclient_auth {\n\t\t\tmode require_and_verify\n" in (
+        replication_site
+    )
+    assert f"trusted_ca_cert_file {replication.REPLICA_CA_COPY}\n" in replication_site
+    assert "\t\tremote_ip 10.0.0.5 10.0.1.0/24 2001:db8::7\n" in replication_site
+    pin = f"\t\tvars {{http.request.tls.client.fingerprint}} {pki[1].fingerprint}\n"
+    assert pin in replication_site
+    # No header opens the site any more, and no password is asked for on it.
+    assert "Bearer" not in replication_site and "basicauth" not in replication_site
     assert "respond" in replication_site.split("handle {")[-1]
-    # Both sites keep the same hash: a re-run does not churn either.
+    assert "strict_sni_host insecure_off" in main.split("\n}\n")[0]
     assert caddy.existing_hashes(rendered) == {"devops": DEVOPS_HASH}
+
+
+def test_caddyfile_primary_before_any_certificate_admits_nobody(tmp_path: Path) -> None:
+    # plan on a fresh primary: nothing issued yet, and the pin matches no fingerprint.
+    rendered = caddy.content(make_ctx(tmp_path, primary_config(), FakeRunner()), (2, 6, 2), None)
+    assert "vars {http.request.tls.client.fingerprint} none-issued-yet\n" in rendered
+
+
+def test_caddyfile_replica_proxies_to_its_primary_with_its_certificate(
+    tmp_path: Path, secret_file: Path
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(PRIMARY_CA)
+    ctx = make_ctx(tmp_path, replica_config(secret_file, ca), FakeRunner())
+    rendered = caddy.content(ctx, (2, 6, 2), CURRENT)
+    proxy = rendered.split("\nhttp://127.0.0.1:3142 {\n")[1]
+    assert "\tbind 127.0.0.1\n\treverse_proxy https://pypi.example.com:8444 {\n" in proxy
+    assert (
+        f"tls_client_auth {replication.CLIENT_CERT_COPY} {replication.CLIENT_KEY_COPY}\n" in proxy
+    )
+    assert f"tls_trusted_ca_certs {replication.PRIMARY_CA_COPY}\n" in proxy
 
 
 def test_caddyfile_standalone_has_no_replication(tmp_path: Path) -> None:
@@ -321,7 +414,8 @@ def test_devpi_server_yml_replica_golden(tmp_path: Path, secret_file: Path) -> N
     ctx = make_ctx(tmp_path, replica_config(secret_file), FakeRunner())
     rendered = devpi_config.content(ctx)
     assert_golden("devpi-server.yml-replica", rendered)
-    assert "\n  primary-url: https://pypi.example.com:8444\n" in rendered
+    # devpi goes through this host's Caddy, which presents the replica's certificate.
+    assert "\n  primary-url: http://127.0.0.1:3142\n" in rendered
 
 
 def test_devpi_server_yml_standalone_has_no_role(tmp_path: Path) -> None:
@@ -440,20 +534,35 @@ def test_promoting_a_replica_is_allowed(tmp_path: Path, secret_file: Path) -> No
     devpi_init.converge(ctx)  # no StepFailed: devpi turns a replica into a primary itself
 
 
-def test_replica_creates_no_users(
-    tmp_path: Path, secret_file: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    requests: list[str] = []
-
-    def fake_users(self: object) -> dict[str, object]:
-        requests.append("GET /")
-        return {}
-
-    monkeypatch.setattr(devpi_users, "_reachable", lambda ctx: True)
-    monkeypatch.setattr(devpi_users.DevpiApi, "users", fake_users)
+def test_replica_creates_no_users(tmp_path: Path, secret_file: Path) -> None:
     ctx = make_ctx(tmp_path, replica_config(secret_file), FakeRunner())
-    devpi_users.converge(ctx)
-    assert requests == ["GET /"]
+    devpi_users.converge(ctx)  # no devpi call at all: a FakeRunner and no server behind it
+    assert ctx.changes == []
+
+
+@pytest.mark.parametrize(
+    ("remote", "warned"), [({}, True), ({"devops": None}, True), ("complete", False)]
+)
+def test_replica_names_declared_users_its_primary_lacks(
+    tmp_path: Path,
+    secret_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    remote: object,
+    warned: bool,
+) -> None:
+    from agent.devpi_api import RemoteIndex, RemoteUser
+
+    users = (
+        {"devops": RemoteUser("devops", {"pypi": RemoteIndex("pypi", ("root/pypi",))})}
+        if remote == "complete"
+        else {name: RemoteUser(name, {}) for name in remote}  # type: ignore[union-attr]
+    )
+    monkeypatch.setattr(replication.DevpiApi, "users", lambda self: users)
+    ctx = make_ctx(tmp_path, replica_config(secret_file), FakeRunner())
+    seen: list[str] = []
+    monkeypatch.setattr(ctx.log, "warning", lambda event, **kw: seen.append(event))
+    replication.report_replicated_users(ctx)
+    assert bool(seen) == warned
     assert ctx.changes == []
 
 
@@ -598,3 +707,100 @@ def test_a_replica_dir_is_not_made_standalone(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, parse(reference_data()), FakeRunner())
     with pytest.raises(StepFailed, match=r'to promote it, set devpi\.role = "primary"'):
         replication.check_server_dir_role(ctx)
+
+
+# --- replication certificates -----------------------------------------------------------------
+
+
+def test_primary_makes_its_ca_and_issues_each_replica_once(tmp_path: Path) -> None:
+    data = primary_data()
+    data["devpi"]["replicas"] = ["eu-1", "us-1"]
+    ctx = make_ctx(tmp_path, parse(data), ShRunner())
+    copies = replication.converge_certificates(ctx)
+    ca = replica_pki.parse_bundle(
+        (tmp_path / "etc/devpi-agent/replication-ca.pem").read_bytes(), "ca"
+    )
+    assert copies == {replication.REPLICA_CA_COPY: ca.cert_pem}
+    assert b"PRIVATE KEY" not in copies[replication.REPLICA_CA_COPY]
+    for name in ("eu-1", "us-1"):
+        issued = tmp_path / f"etc/devpi-agent/replicas/{name}.pem"
+        assert issued.stat().st_mode & 0o777 == 0o600
+        bundle = replica_pki.parse_bundle(issued.read_bytes(), name)
+        assert replica_pki.issued_by(bundle, ca)
+        assert bundle.certificate.common_name == f"devpi replica {name}"
+    assert (tmp_path / "etc/devpi-agent/replication-ca.pem").stat().st_mode & 0o777 == 0o600
+    assert len(set(replication.replica_fingerprints(ctx))) == 2
+
+    again = make_ctx(tmp_path, parse(data), FakeRunner())
+    assert replication.converge_certificates(again) == copies
+    assert again.changes == [] and again.runner.calls == []
+
+
+def test_a_name_removed_from_replicas_is_revoked(tmp_path: Path) -> None:
+    data = primary_data()
+    data["devpi"]["replicas"] = ["eu-1", "us-1"]
+    replication.converge_certificates(make_ctx(tmp_path, parse(data), ShRunner()))
+    kept = replication.replica_fingerprints(make_ctx(tmp_path, parse(data), FakeRunner()))
+    data["devpi"]["replicas"] = ["us-1"]
+    ctx = make_ctx(tmp_path, parse(data), FakeRunner())
+    replication.converge_certificates(ctx)
+    assert ctx.changes == ["revoke replica eu-1: remove /etc/devpi-agent/replicas/eu-1.pem"]
+    assert not (tmp_path / "etc/devpi-agent/replicas/eu-1.pem").exists()
+    assert replication.replica_fingerprints(ctx) == kept[1:]
+
+
+def test_a_new_ca_reissues_every_certificate(tmp_path: Path) -> None:
+    config = primary_config()
+    replication.converge_certificates(make_ctx(tmp_path, config, ShRunner()))
+    before = replication.replica_fingerprints(make_ctx(tmp_path, config, FakeRunner()))
+    (tmp_path / "etc/devpi-agent/replication-ca.pem").unlink()
+    ctx = make_ctx(tmp_path, config, ShRunner())
+    replication.converge_certificates(ctx)
+    assert ctx.changes[0] == "make the replication CA"
+    assert ctx.changes[1] == "issue the client certificate of replica eu-1"
+    assert replication.replica_fingerprints(ctx) != before
+
+
+def test_plan_on_a_fresh_primary_changes_nothing(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, primary_config(), FakeRunner(), check=True)
+    assert replication.converge_certificates(ctx) == {}
+    assert ctx.changes == ["make the replication CA"]
+    assert not (tmp_path / "etc").exists()
+
+
+def test_replica_hands_caddy_its_certificate(
+    tmp_path: Path, secret_file: Path, pki: tuple[Bundle, Bundle]
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(PRIMARY_CA)
+    copies = replication.converge_certificates(
+        make_ctx(tmp_path, replica_config(secret_file, ca), FakeRunner())
+    )
+    assert copies[replication.CLIENT_CERT_COPY] == pki[1].cert_pem
+    assert copies[replication.CLIENT_KEY_COPY] == pki[1].key_pem
+    assert b"BEGIN CERTIFICATE" in copies[replication.PRIMARY_CA_COPY]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("cert-only", "one certificate and its private key"),
+        ("mismatch", "not the certificate's"),
+        ("two-certs", "one certificate and its private key"),
+    ],
+)
+def test_replica_refuses_an_unusable_certificate(
+    tmp_path: Path, secret_file: Path, pki: tuple[Bundle, Bundle], content: str, message: str
+) -> None:
+    ca, leaf = pki
+    data = {
+        "cert-only": leaf.cert_pem,
+        "mismatch": leaf.cert_pem + ca.key_pem,
+        "two-certs": leaf.cert_pem + ca.cert_pem + leaf.key_pem,
+    }[content]
+    (tmp_path / "replica.pem").write_bytes(data)
+    ctx = make_ctx(tmp_path, replica_config(secret_file), FakeRunner())
+    with pytest.raises(StepFailed) as caught:
+        replication.converge_certificates(ctx)
+    assert message in str(caught.value) and "devpi.replica_cert_file" in str(caught.value)
+    assert "PRIVATE KEY" not in str(caught.value)
