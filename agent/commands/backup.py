@@ -39,6 +39,7 @@ from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
     BACKUP_NAME,
     DATAINDEX,
+    check_export_entries,
     describe_missing,
     export_inventory,
     export_to,
@@ -152,6 +153,7 @@ def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
         )
     if not (source / DATAINDEX).is_file():
         raise StepFailed(f"{source} is not a devpi export: it has no {DATAINDEX}")
+    check_export_entries(source)
     for needed in (devpi.venv / "bin" / "devpi-import", CONFIG_FILE):
         if not ctx.files.exists(needed):
             raise StepFailed(f"{needed} is missing: run `devpi-agent apply` on this host first")
@@ -182,7 +184,8 @@ def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
         # devpi-import runs as the service user; an export copied in as root may be closed to it.
         copy = devpi.home / f".restore-source-{stamp}"
         ctx.log.info("copying the export for the service user", source=str(source), to=str(copy))
-        shutil.copytree(source, ctx.files.host_path(copy))
+        # symlinks=True: never follow one, should the export change after the check above.
+        shutil.copytree(source, ctx.files.host_path(copy), symlinks=True)
         ctx.runner.run(["chown", "-R", f"{devpi.user}:{devpi.user}", str(copy)], timeout=3600)
     try:
         import_into(ctx, staging, copy or source)

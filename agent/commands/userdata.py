@@ -21,7 +21,7 @@ import click
 
 from agent import __version__
 from agent.core.config import ConfigError, parse
-from agent.core.files import render
+from agent.core.files import atomic_write, render
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -258,10 +258,10 @@ def user_data(
     if output is None:
         click.echo(text, nl=False)
     else:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(output, 0o600)
+        # A new 0600 file renamed into place: an existing file's inode (and whoever holds it
+        # open at its old mode) never gets a byte, and a link at `output` is replaced, not
+        # followed.
+        atomic_write(output, text.encode("utf-8"), mode=0o600, owner=None)
     for note in notes:
         click.echo(f"devpi-agent user-data: {note}", err=True)
     generated = [a for a in data.users if a.generated]

@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from agent.core import direct_http
+
 
 class DevpiError(Exception):
     def __init__(self, method: str, path: str, status: int, message: str) -> None:
@@ -60,7 +62,7 @@ class DevpiApi:
         if self.auth_header:
             request.add_header("X-Devpi-Auth", self.auth_header)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with direct_http.urlopen(request, timeout=self.timeout) as response:
                 return response.status, _json(response.read())
         except urllib.error.HTTPError as error:
             return error.code, _json(error.read())

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -64,6 +65,45 @@ def export_inventory(export_dir: Path) -> set[StoredFile]:
             name = Path(entry["relpath"]).name
             files.add(StoredFile(index_name, name, _sha256_of(entry.get("entrymapping") or {})))
     return files
+
+
+_SPECIAL_KINDS = {
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def special_kind(mode: int) -> str | None:
+    """What an entry is when it is neither a regular file nor a directory; None otherwise."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return _SPECIAL_KINDS.get(stat.S_IFMT(mode), f"file of type {stat.S_IFMT(mode):o}")
+
+
+def check_export_entries(export_dir: Path) -> None:
+    """Refuse an export holding anything but regular files and directories.
+
+    Root copies an export the service user cannot read and chowns the copy to it: a link would
+    be followed (/etc/shadow copied in as devpi's file), a fifo would hang the copy, a device
+    would be read. devpi-export writes none of these, so one is a sign of tampering.
+    """
+    for directory, dirnames, filenames in os.walk(export_dir, onerror=_raise):
+        for name in sorted(dirnames + filenames):
+            path = Path(directory, name)
+            kind = special_kind(os.lstat(path).st_mode)
+            if kind is not None:
+                relative = path.relative_to(export_dir)
+                raise StepFailed(
+                    f"{export_dir} holds {relative}, a {kind}: refused (a devpi export holds "
+                    "only regular files and directories); nothing was changed"
+                )
+
+
+def _raise(error: OSError) -> None:
+    raise error
 
 
 def stage_indexes(api: DevpiApi) -> list[str]:

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from agent.core import direct_http
 from agent.core.config import Config
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
@@ -185,12 +186,12 @@ def converge_ca_bundle(ctx: Context) -> None:
         return
     assert devpi.primary_ca_file is not None
     try:
-        roots = tls.read_certificates("devpi.primary_ca_file", devpi.primary_ca_file)
+        roots, checked = tls.read_pem_certificates("devpi.primary_ca_file", devpi.primary_ca_file)
     except tls.TlsProblem as problem:
         raise StepFailed(str(problem)) from None
     ctx.log.info("primary CA", path=str(devpi.primary_ca_file), subject=roots[0].subject)
     system = ctx.files.read(Path(SYSTEM_CA_BUNDLE)) or ""
-    wanted = system.rstrip("\n") + "\n" + devpi.primary_ca_file.read_text().strip() + "\n"
+    wanted = system.rstrip("\n") + "\n" + checked.decode("utf-8", "replace").strip() + "\n"
     if ctx.files.read(PRIMARY_CA_BUNDLE) != wanted:
         # devpi loads its CA file once, at start.
         ctx.mark_pending(RESTART_PENDING)
@@ -261,7 +262,7 @@ def devpi_status(port: int, timeout: float = 15) -> dict[str, Any]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/+status", headers={"Accept": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with direct_http.urlopen(request, timeout=timeout) as response:
         result: dict[str, Any] = json.load(response)["result"]
         return result
 
@@ -353,7 +354,8 @@ def primary_status(config: Config, timeout: float = 20) -> dict[str, Any]:
     request = urllib.request.Request(
         f"{primary_proxy_url(config)}/+status", headers={"Accept": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    # Caddy's site on loopback: a proxy in between would break it and see the replica's data.
+    with direct_http.urlopen(request, timeout=timeout) as response:
         result: dict[str, Any] = json.load(response)["result"]
         return result
 

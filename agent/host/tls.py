@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.core import direct_http
 from agent.host.x509 import Address, Certificate, CertificateError, load_pem, parse_der
 
 # Where the agent installs what Caddy must read for TLS: copies owned root:caddy, so the
@@ -145,20 +146,19 @@ def ec2_public_ipv4(base: str = IMDS, timeout: float = 1.0) -> Address | None:
     None without one (private subnet) or when the metadata service does not answer in time.
     """
     # The metadata service is link-local: a configured HTTP proxy must never see this.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         token_request = urllib.request.Request(
             f"{base}/latest/api/token",
             method="PUT",
             headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"},
         )
-        with opener.open(token_request, timeout=timeout) as response:
+        with direct_http.urlopen(token_request, timeout=timeout) as response:
             token = response.read().decode().strip()
         request = urllib.request.Request(
             f"{base}/latest/meta-data/public-ipv4",
             headers={"X-aws-ec2-metadata-token": token},
         )
-        with opener.open(request, timeout=timeout) as response:
+        with direct_http.urlopen(request, timeout=timeout) as response:
             return ipaddress.ip_address(response.read().decode().strip())
     except (OSError, ValueError, urllib.error.URLError):
         return None
@@ -330,9 +330,11 @@ class CertificatePair:
     key_pem: bytes = field(repr=False)
 
 
-def _read_file(setting: str, path: Path) -> bytes:
+def _read_file(setting: str, path: Path) -> tuple[bytes, int]:
+    """The bytes of `path` and its mode, from one open: what is checked is what gets copied."""
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read(), stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
     except FileNotFoundError:
         raise TlsProblem(f"{setting} {path} does not exist") from None
     except PermissionError:
@@ -342,25 +344,47 @@ def _read_file(setting: str, path: Path) -> bytes:
 
 
 def read_certificates(setting: str, path: Path) -> list[Certificate]:
+    return read_pem_certificates(setting, path)[0]
+
+
+def read_pem_certificates(setting: str, path: Path) -> tuple[list[Certificate], bytes]:
+    """The certificates in `path` and the very bytes they were read from (to copy those)."""
+    data, _ = _read_file(setting, path)
     try:
-        return load_pem(_read_file(setting, path))
+        return load_pem(data), data
     except CertificateError as error:
         raise TlsProblem(f"{setting} {path}: {error}") from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """load_cert_chain of these bytes, not of the files again (they may have changed since they
+    were read): memory-only files, reached through /proc/self/fd."""
+    cert_fd = os.memfd_create("devpi-agent-cert", os.MFD_CLOEXEC)
+    key_fd = os.memfd_create("devpi-agent-key", os.MFD_CLOEXEC)
+    try:
+        os.write(cert_fd, cert_pem)
+        os.write(key_fd, key_pem)
+        # An empty password makes an encrypted key fail instead of prompting on a terminal.
+        context.load_cert_chain(f"/proc/self/fd/{cert_fd}", f"/proc/self/fd/{key_fd}", password="")
+    finally:
+        os.close(cert_fd)
+        os.close(key_fd)
 
 
 def check_certificate_pair(
     cert_file: Path, key_file: Path, domain: str, now: datetime | None = None
 ) -> CertificatePair:
-    """The pair Caddy would serve, checked: key private and matching, name covered, in date."""
+    """The pair Caddy would serve, checked: key private and matching, name covered, in date.
+
+    Each file is read once; every check runs on those bytes, and they are what gets copied."""
     now = now or datetime.now(timezone.utc)
-    cert_pem = _read_file("server.cert_file", cert_file)
+    cert_pem, _ = _read_file("server.cert_file", cert_file)
     try:
         chain = load_pem(cert_pem)
     except CertificateError as error:
         raise TlsProblem(f"server.cert_file {cert_file}: {error}") from None
     leaf = chain[0]
-    key_pem = _read_file("server.key_file", key_file)
-    mode = stat.S_IMODE(key_file.stat().st_mode)
+    key_pem, mode = _read_file("server.key_file", key_file)
     if mode & 0o007:
         raise TlsProblem(
             f"server.key_file {key_file} is open to every user (mode {mode:04o}): "
@@ -368,8 +392,7 @@ def check_certificate_pair(
         )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        # An empty password makes an encrypted key fail instead of prompting on a terminal.
-        context.load_cert_chain(str(cert_file), str(key_file), password="")
+        _load_cert_chain(context, cert_pem, key_pem)
     except ssl.SSLError as error:
         if "KEY_VALUES_MISMATCH" in str(error):
             raise TlsProblem(

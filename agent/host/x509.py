@@ -20,6 +20,10 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----\s*(?P<body>[A-Za-z0-9+/=\s]+?)\s*-----END CERTIFICATE-----"
 )
+# What OpenSSL also reads as a certificate: -trustout's form, and the pre-RFC 7468 label.
+_PEM_OTHER_CERTIFICATE = re.compile(
+    rb"-----BEGIN (?P<label>TRUSTED CERTIFICATE|X509 CERTIFICATE)-----"
+)
 
 # DER tags used below.
 _BOOLEAN, _INTEGER, _OCTET_STRING, _OID, _SEQUENCE, _SET = 0x01, 0x02, 0x04, 0x06, 0x30, 0x31
@@ -114,7 +118,17 @@ def pem_blocks(data: bytes) -> list[bytes]:
 
 
 def load_pem(data: bytes) -> list[Certificate]:
-    """Every certificate in a PEM file; raises CertificateError if there is none."""
+    """Every certificate in a PEM file; raises CertificateError if there is none, or if it
+    holds a certificate in a form other than a plain CERTIFICATE block."""
+    other = _PEM_OTHER_CERTIFICATE.search(data)
+    if other:
+        label = other["label"].decode()
+        # OpenSSL reads these as certificates (load_cert_chain takes one as the leaf) while
+        # Caddy and this parser skip them: what is checked would not be what is served.
+        raise CertificateError(
+            f"it holds a {label} block, which Caddy ignores and OpenSSL does not: give "
+            f"plain CERTIFICATE blocks (`openssl x509 -in FILE` prints one)"
+        )
     blocks = pem_blocks(data)
     if not blocks:
         raise CertificateError("no PEM certificate (-----BEGIN CERTIFICATE-----) found")

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import pwd
 import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ RESTART_PENDING = "caddy-restart"
 CADDY_DEFAULT_ADMIN = "localhost:2019"
 _ADMIN_LINE = re.compile(r"^\s*admin\s+(\S+)", re.MULTILINE)
 HASH_MEMO = STATE_DIR / "basic-auth.memo"
+MEMO_KEY = STATE_DIR / "basic-auth.memo-key"
+MEMO_KEY_BYTES = 32
 BCRYPT_ROUNDS = 12
 # Debian and Ubuntu 24.04 both ship 2.6.2; assumed when Caddy is not installed yet (plan).
 DISTRO_CADDY_VERSION = (2, 6, 2)
@@ -73,33 +76,56 @@ def existing_hashes(caddyfile: str | None) -> dict[str, str]:
     return hashes
 
 
-def _proof(bcrypt_hash: str, password: str) -> str:
-    return hmac.new(bcrypt_hash.encode(), password.encode(), hashlib.sha256).hexdigest()
+def _proof(key: bytes, name: str, bcrypt_hash: str, password: str) -> str:
+    message = "\0".join((name, bcrypt_hash, password)).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 class HashMemo:
     """Which (hash, password) pairs bcrypt already confirmed, so a re-run skips the 0.3 s check.
 
-    Stored as HMACs keyed by the salted hash, in a root-only file beside the agent's state; the
-    config next door holds the passwords themselves, so this reveals nothing new.
+    Stored as HMACs under a random key of its own (MEMO_KEY, root-only), never under anything
+    the Caddyfile holds: group caddy reads the bcrypt hashes there, and a memo keyed by them
+    would let anyone holding both test password guesses at SHA-256 speed instead of bcrypt's.
+    Without the key (plan before the first apply) there is no memo and bcrypt decides.
     """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.proofs: dict[str, str] = {}
+        self.key = _memo_key(ctx)
         for line in (ctx.files.read(HASH_MEMO) or "").splitlines():
             name, _, proof = line.partition(" ")
             self.proofs[name] = proof
 
     def confirmed(self, name: str, bcrypt_hash: str, password: str) -> bool:
-        return hmac.compare_digest(self.proofs.get(name, ""), _proof(bcrypt_hash, password))
+        if self.key is None:
+            return False
+        wanted = _proof(self.key, name, bcrypt_hash, password)
+        return hmac.compare_digest(self.proofs.get(name, ""), wanted)
 
     def save(self, users: list[BasicAuthUser], passwords: dict[str, str]) -> None:
-        if self.ctx.check:
+        if self.ctx.check or self.key is None:
             return
-        lines = "".join(f"{u.name} {_proof(u.hash, passwords[u.name])}\n" for u in users)
-        self.ctx.files.ensure_dir(HASH_MEMO.parent, mode=0o700)
+        key = self.key
+        lines = "".join(
+            f"{u.name} {_proof(key, u.name, u.hash, passwords[u.name])}\n" for u in users
+        )
         self.ctx.files.ensure_file(HASH_MEMO, lines, mode=0o600, record=False)
+
+
+def _memo_key(ctx: Context) -> bytes | None:
+    """The memo's HMAC key, generated once (0600 root); None in check mode before it exists."""
+    text = (ctx.files.read(MEMO_KEY) or "").strip()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        if ctx.check:
+            return None
+        # A missing or damaged key: a new one makes every old proof worthless, as it should.
+        text = secrets.token_hex(MEMO_KEY_BYTES)
+    if not ctx.check:
+        ctx.files.ensure_dir(MEMO_KEY.parent, mode=0o700)
+        ctx.files.ensure_file(MEMO_KEY, text + "\n", mode=0o600, secret=True, record=False)
+    return bytes.fromhex(text)
 
 
 def hash_for(

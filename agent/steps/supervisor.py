@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from agent.core import direct_http
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.files import render
@@ -97,7 +98,7 @@ def ensure_running(ctx: Context, program: str, *, restart: bool) -> bool:
 
 def devpi_api_answers(port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/+api", timeout=5) as response:
+        with direct_http.urlopen(f"http://127.0.0.1:{port}/+api", timeout=5) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -157,7 +158,7 @@ def warm_mirror(ctx: Context, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
+            with direct_http.urlopen(url, timeout=60) as response:
                 if response.status == 200:
                     ctx.log.info("mirror ready", url=url)
                     return

@@ -42,9 +42,9 @@ def converge(ctx: Context) -> None:
     wanted: dict[Path, bytes] = {}
     try:
         if server.tls == "acme" and server.acme_ca_root is not None:
-            roots = tls.read_certificates("server.acme_ca_root", server.acme_ca_root)
+            roots, checked = tls.read_pem_certificates("server.acme_ca_root", server.acme_ca_root)
             ctx.log.info("acme CA root", path=str(server.acme_ca_root), subject=roots[0].subject)
-            wanted[tls.ACME_CA_ROOT_COPY] = server.acme_ca_root.read_bytes()
+            wanted[tls.ACME_CA_ROOT_COPY] = checked
         if server.tls == "files":
             assert server.cert_file is not None and server.key_file is not None
             pair = tls.check_certificate_pair(server.cert_file, server.key_file, server.domain)

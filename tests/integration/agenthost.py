@@ -70,11 +70,14 @@ class ApplyRun:
         return parsed
 
 
-def apply(host: NspawnHost, *extra: str, config: str = CONFIG) -> ApplyRun:
+def apply(
+    host: NspawnHost, *extra: str, config: str = CONFIG, env: dict[str, str] | None = None
+) -> ApplyRun:
     started = time.monotonic()
     # cloud-init runs the agent with HOME unset; do the same.
     result = host.run(
         ["env", "-u", "HOME", AGENT, "apply", "--config", config, "--json", *extra],
+        env=env,
         check=False,
         timeout=1200,
     )

@@ -896,3 +896,53 @@ def test_client_config_command_trusts_a_company_acme_root(tmp_path: Path) -> Non
     path.write_text(plain)
     run = CliRunner().invoke(client_config.client_config, ["--config", str(path), "--user", "ci"])
     assert run.exit_code == 0 and "devpi_ca" not in run.stdout
+
+
+def _poison(export: Path, kind: str, tmp_path: Path) -> str:
+    """Plant one entry restore must never copy as root; the entry's path inside the export."""
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$secret-hash:19000:0:99999:7:::\n")
+    nested = export / "devops" / "pypi"
+    nested.mkdir(parents=True, exist_ok=True)
+    if kind == "file-link":
+        (nested / "shadow").symlink_to(secret)
+        return "devops/pypi/shadow"
+    if kind == "dir-link":
+        (export / "etc").symlink_to(tmp_path)
+        return "etc"
+    if kind == "fifo":
+        os.mkfifo(nested / "pipe")
+        return "devops/pypi/pipe"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["file-link", "dir-link", "fifo"])
+def test_restore_refuses_an_export_with_links_or_special_files(
+    restore_host: dict[str, Any], tmp_path: Path, kind: str
+) -> None:
+    """The attack: an export holding a link to /etc/shadow (or a fifo to hang the copy) is
+    copied by root into the service user's home and chowned to it. Refused before anything."""
+    root: Path = restore_host["root"]
+    runner: FakeRunner = restore_host["runner"]
+    entry = _poison(restore_host["export"], kind, tmp_path)
+    before = sorted(p.name for p in (root / "var/lib/devpi").iterdir())
+    ctx = make_ctx(root, config(), runner)
+    with pytest.raises(StepFailed, match=rf"{entry}\b.*(symlink|fifo)") as refused:
+        backup_command.restore(ctx, restore_host["export"], force=False)
+    assert "refused" in str(refused.value)
+    assert runner.calls == [] and restore_host["events"] == []
+    assert sorted(p.name for p in (root / "var/lib/devpi").iterdir()) == before
+    assert (root / "var/lib/devpi/server/marker").read_text() == "old data"
+
+
+def test_export_check_names_devices_and_accepts_a_clean_export(tmp_path: Path) -> None:
+    export = write_export(tmp_path / "export", {"devops/pypi/p/1/p-1.whl": "aa"})
+    (export / "devops/pypi/p/1").mkdir(parents=True)
+    (export / "devops/pypi/p/1/p-1.whl").write_bytes(b"wheel")
+    devpi_data.check_export_entries(export)  # a clean export passes
+    # A device node cannot be made without root; its verdict comes from the same mode check.
+    assert devpi_data.special_kind(stat.S_IFCHR | 0o600) == "character device"
+    assert devpi_data.special_kind(stat.S_IFBLK | 0o600) == "block device"
+    assert devpi_data.special_kind(stat.S_IFSOCK | 0o600) == "socket"
+    assert devpi_data.special_kind(stat.S_IFREG | 0o600) is None
+    assert devpi_data.special_kind(stat.S_IFDIR | 0o700) is None

@@ -926,3 +926,57 @@ def test_single_run_takes_free_lock_and_writes_pid(tmp_path: Path) -> None:
 
 def test_lock_file_default() -> None:
     assert Path("/run/lock/devpi-agent.lock") == engine.LOCK_FILE
+
+
+# --- the basic-auth memo ----------------------------------------------------------------------
+
+
+def _memo_proofs(tmp_path: Path) -> dict[str, str]:
+    text = under(tmp_path, caddy.HASH_MEMO).read_text()
+    return dict(line.split(" ", 1) for line in text.splitlines())
+
+
+@pytest.mark.usefixtures("fast_bcrypt")
+def test_memo_cannot_be_checked_with_what_the_caddyfile_holds(tmp_path: Path) -> None:
+    """The attack: someone who reads the Caddyfile (group caddy) and gets the memo tests
+    password guesses at HMAC-SHA256 speed instead of bcrypt's. The memo's key must be a secret
+    that the Caddyfile does not hold."""
+    import hashlib
+    import hmac
+
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    rendered = caddy.content(ctx, (2, 6, 2), None)
+    bcrypt_hash = caddy.existing_hashes(rendered)["devops"]
+    proof = _memo_proofs(tmp_path)["devops"]
+    password = ctx.config.users[0].password
+    # Every key the Caddyfile offers: the hash itself, its salt, the user's name.
+    for key in (bcrypt_hash, bcrypt_hash[:29], f"devops {bcrypt_hash}", "devops"):
+        for message in (password, f"devops\0{bcrypt_hash}\0{password}", f"devops {password}"):
+            guess = hmac.new(key.encode(), message.encode(), hashlib.sha256).hexdigest()
+            assert not hmac.compare_digest(guess, proof), (key, message)
+    key_file = under(tmp_path, caddy.MEMO_KEY)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(key_file.read_text().strip())) >= 32
+
+
+@pytest.mark.usefixtures("fast_bcrypt")
+def test_memo_still_spares_a_no_op_the_bcrypt_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    first = caddy.content(ctx, (2, 6, 2), None)
+    key = under(tmp_path, caddy.MEMO_KEY).read_text()
+
+    def no_bcrypt(*args: object) -> bool:
+        raise AssertionError("bcrypt.checkpw ran although the memo confirmed the pair")
+
+    monkeypatch.setattr(caddy.bcrypt, "checkpw", no_bcrypt)
+    assert caddy.content(ctx, (2, 6, 2), first) == first
+    assert under(tmp_path, caddy.MEMO_KEY).read_text() == key  # generated once
+
+
+@pytest.mark.usefixtures("fast_bcrypt")
+def test_memo_in_check_mode_writes_no_key(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, config(), FakeRunner(), check=True)
+    caddy.content(ctx, (2, 6, 2), None)
+    assert not under(tmp_path, caddy.MEMO_KEY).exists()

@@ -894,3 +894,93 @@ def test_ca_with_an_invalid_config(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["ca", "--config", str(write_config(tmp_path, tls="self"))])
     assert result.exit_code == 2
     assert "server.tls" in result.stderr
+
+
+# --- check and copy the same bytes -------------------------------------------------------------
+
+
+def _swap_after_first_read(monkeypatch: pytest.MonkeyPatch, path: Path, later: bytes) -> list[Path]:
+    """Every read of `path` after the first finds `later` on disk: a file swapped between the
+    agent's check and its copy (or a second read by OpenSSL)."""
+    reads: list[Path] = []
+    original = tls._read_file
+
+    def reading(setting: str, where: Path) -> Any:
+        got = original(setting, where)
+        reads.append(where)
+        if where == path:
+            path.write_bytes(later)
+        return got
+
+    monkeypatch.setattr(tls, "_read_file", reading)
+    return reads
+
+
+def test_a_key_swapped_after_the_check_cannot_go_live(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack: the key read first (and copied) is not the one the match check loads; the
+    file is swapped to the matching key right after the agent's read."""
+    key = tmp_path / "swapped.key"
+    key.write_bytes(pki.other_key.read_bytes())
+    key.chmod(0o600)
+    reads = _swap_after_first_read(monkeypatch, key, pki.leaf_key.read_bytes())
+    with pytest.raises(tls.TlsProblem, match="is not the key of the certificate"):
+        tls.check_certificate_pair(pki.leaf, key, "pypi.example.com")
+    assert reads.count(key) == 1
+
+
+def test_a_certificate_swapped_after_the_check_cannot_go_live(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checked certificate (expired, same key) is what is copied; swapping in a good one
+    after the read must not make the expired one pass."""
+    cert = tmp_path / "swapped.pem"
+    cert.write_bytes(pki.expired.read_bytes())
+    _swap_after_first_read(monkeypatch, cert, pki.leaf.read_bytes())
+    with pytest.raises(tls.TlsProblem, match="expired on"):
+        tls.check_certificate_pair(cert, pki.leaf_key, "pypi.example.com")
+    # And the other way round: a good one read, a bad key swapped in: the copy is the good one.
+    cert.write_bytes(pki.leaf.read_bytes())
+    _swap_after_first_read(monkeypatch, cert, b"junk")
+    pair = tls.check_certificate_pair(cert, pki.leaf_key, "pypi.example.com")
+    assert pair.cert_pem == pki.leaf.read_bytes()
+
+
+def test_the_acme_root_installed_is_the_one_checked(
+    tmp_path: Path, pki: Pki, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca = tmp_path / "company-root.pem"
+    ca.write_bytes(pki.ca.read_bytes())
+    _swap_after_first_read(monkeypatch, ca, b"-----BEGIN CERTIFICATE-----\nnot checked\n")
+    root = tmp_path / "host"
+    company = config(acme_ca="https://ca.example.com/dir", acme_ca_root=str(ca))
+    tls_step.converge(make_ctx(root, company, FakeRunner()))
+    assert under(root, tls.ACME_CA_ROOT_COPY).read_bytes() == pki.ca.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def trusted_leaf(pki: Pki) -> bytes:
+    """The leaf as OpenSSL's `-trustout` writes it: a TRUSTED CERTIFICATE block."""
+    out = openssl("x509", "-in", str(pki.cn_only), "-trustout", "-addtrust", "serverAuth",
+                  cwd=pki.dir)  # fmt: skip
+    assert "-----BEGIN TRUSTED CERTIFICATE-----" in out
+    return out.encode()
+
+
+def test_trusted_certificate_blocks_are_refused_naming_the_key(
+    tmp_path: Path, pki: Pki, trusted_leaf: bytes
+) -> None:
+    """OpenSSL reads a TRUSTED CERTIFICATE block as a certificate (load_cert_chain takes it
+    as the leaf); the parser skipped it and checked the next block instead."""
+    cert = tmp_path / "trusted.pem"
+    cert.write_bytes(trusted_leaf + pki.leaf.read_bytes())
+    with pytest.raises(tls.TlsProblem) as raised:
+        tls.check_certificate_pair(cert, pki.leaf_key, "pypi.example.com")
+    message = str(raised.value)
+    assert f"server.cert_file {cert}" in message and "TRUSTED CERTIFICATE" in message
+    cert.write_bytes(trusted_leaf)
+    with pytest.raises(tls.TlsProblem, match=r"server.cert_file .*TRUSTED CERTIFICATE"):
+        tls.check_certificate_pair(cert, pki.leaf_key, "cn-only.example.com")
+    with pytest.raises(tls.TlsProblem, match=r"server.acme_ca_root .*TRUSTED CERTIFICATE"):
+        tls.read_certificates("server.acme_ca_root", cert)

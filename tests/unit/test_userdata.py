@@ -268,3 +268,34 @@ def test_bootstrap_script_is_valid_bash(tmp_path: Path) -> None:
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"AGENT_SHA256={SHA}\n" in script.read_text()
+
+
+def test_output_replaces_a_symlink_and_leaves_its_target_alone(tmp_path: Path) -> None:
+    """The attack: a link planted at the -o path makes the agent write passwords through it."""
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("not yours\n")
+    target.chmod(0o644)
+    out = tmp_path / "user-data.yaml"
+    out.symlink_to(target)
+    result = invoke("--domain", "pypi.example.org", "--agent-sha256", SHA, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == "not yours\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert not out.is_symlink() and "AGENT_SHA256=" in out.read_text()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_output_never_holds_the_content_at_the_old_mode(tmp_path: Path) -> None:
+    """An existing 0644 file: the content goes to a new 0600 inode renamed into place, so no
+    reader of the old inode (an open handle, a hard link) ever sees a byte of it."""
+    out = tmp_path / "user-data.yaml"
+    out.write_text("old\n")
+    out.chmod(0o644)
+    old_inode = tmp_path / "hard-link-to-the-old-inode"
+    os.link(out, old_inode)
+    result = invoke("--domain", "pypi.example.org", "--agent-sha256", SHA, "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert old_inode.read_text() == "old\n"
+    assert out.stat().st_ino != old_inode.stat().st_ino
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and "AGENT_SHA256=" in out.read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
