@@ -107,7 +107,7 @@ def test_replica_address_zone_id_cannot_widen_the_replication_site(tmp_path: Pat
         assert "0.0.0.0/0" not in remote_ip.split(), remote_ip
 
 
-@pytest.mark.parametrize("directory", ["my configs", "x\nExecStartPre=/bin/id", "50%off"])
+@pytest.mark.parametrize("directory", ["my configs", "x\nExecStartPre=touch pwned", "50%off"])
 def test_config_path_cannot_split_the_backup_command(tmp_path: Path, directory: str) -> None:
     path = tmp_path / directory / "config.toml"
     path.parent.mkdir()
