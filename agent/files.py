@@ -48,12 +48,16 @@ def _check_printable(value: str, fmt: str) -> str:
 _CADDY_BARE = re.compile(r"[A-Za-z0-9._:/@+%$\[\]*=,~!-]+")
 
 
-def caddy_token(value: object) -> str:
-    """One Caddyfile token. Caddy replaces {$VAR} and {placeholders} even inside quotes, and a
-    backslash only escapes a quote: values with braces or backslashes are refused."""
+def caddy_token(value: object, *, inside_quotes: bool = False) -> str:
+    """One Caddyfile token (or, inside_quotes, a part of a quoted one). Caddy replaces {$VAR}
+    and {placeholders} even inside quotes, a backslash only escapes a quote, and Caddy trims
+    blanks from some values (a site's host): values with braces, backslashes or blanks are
+    refused."""
     text = _check_printable(str(value), "Caddyfile")
-    if any(ch in "{}\\" for ch in text):
-        raise Unrepresentable(f"{text!r} cannot go into a Caddyfile (braces or a backslash)")
+    if any(ch in "{}\\" or ch.isspace() for ch in text):
+        raise Unrepresentable(f"{text!r} cannot go into a Caddyfile (braces, \\ or blanks)")
+    if inside_quotes:
+        return text.replace('"', '\\"')
     if _CADDY_BARE.fullmatch(text):
         return text
     return '"' + text.replace('"', '\\"') + '"'
@@ -114,8 +118,9 @@ def cron_word(value: object) -> str:
     return shell_word(value).replace("%", "\\%")
 
 
-# A plain YAML scalar that can only be read as this string: a path or an http(s) URL.
-_YAML_PLAIN = re.compile(r"(?:/|https?://)[A-Za-z0-9._/:@+\[\]%~-]*")
+# A plain YAML scalar that can only be read as this string: a path or an http(s) URL (not
+# ending in ":", which would make it a mapping key).
+_YAML_PLAIN = re.compile(r"(?:/|https?://)[A-Za-z0-9._/:@+\[\]%~-]*(?<!:)")
 
 
 def _yaml_printable(code: int) -> bool:

@@ -172,8 +172,18 @@ def cron_command(line: str, log_file: str) -> list[str]:
     if not text.endswith(suffix):
         raise Unparsable(f"cron command does not end in {suffix!r}: {text!r}")
     text = text[: -len(suffix)]
-    # sh: outside single quotes only plain words, or $, `, ;, | and the like would act.
-    unquoted = re.sub(r"'[^']*'", "", text)
-    if re.search(r"[^A-Za-z0-9_@%+=:,./ -]", unquoted):
-        raise Unparsable(f"shell syntax outside single quotes: {text!r}")
+    # sh: only plain characters, '...' and "..." without $ ` \\ in it; anything else (;, |, $,
+    # a backtick, a redirection) would act.
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch in "'\"":
+            end = text.find(ch, i + 1)
+            if end < 0 or (ch == '"' and re.search(r"[$`\\]", text[i + 1 : end])):
+                raise Unparsable(f"shell quoting in {text!r}")
+            i = end + 1
+        elif re.fullmatch(r"[A-Za-z0-9_@%+=:,./ -]", ch):
+            i += 1
+        else:
+            raise Unparsable(f"shell syntax {ch!r} in {text!r}")
     return shlex.split(text)

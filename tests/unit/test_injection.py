@@ -7,15 +7,29 @@ refuses the config instead (ConfigError naming the key, exit 2).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import formats
 import pytest
+import yaml
 from conftest import FakeRunner, make_ctx, reference_data
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from supervisor.datatypes import dict_of_key_value_pairs
+from supervisor.options import UnhosedConfigParser
 
+from agent import replication
 from agent.config import Config, ConfigError, load, parse
-from agent.files import render
+from agent.files import Unrepresentable, render
 from agent.steps import backup, caddy, devpi_config, supervisor
 
 SECRET = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEF"
@@ -128,3 +142,382 @@ def test_config_path_cannot_split_the_backup_command(tmp_path: Path, directory: 
     cron_line = files["devpi-agent-backup.cron"].splitlines()[-1]
     argv = formats.cron_command(cron_line, str(backup.CRON_LOG))
     assert argv[2:] == ["backup", "--config", str(path)], argv
+
+
+# --- property: every string-valued key, nasty values ------------------------------------------
+# For each key a value is built around a base (prefix + base + suffix, the fixes made of quotes,
+# braces, %, $, {$VAR}, newlines, unicode...). Either parse() refuses it naming that key, or
+# every file parses in its own format and, with the value (as the Config holds it) replaced by
+# the base's, is the very structure the base renders: the value sits where it belongs, whole,
+# and nowhere else.
+
+BCRYPT = "$2b$04$vnLW09wuDFphFKEaULf.7eKN72dlq6Rrc2udYRrpKu7X1Q0HW5Qja"
+FRAGMENTS = [
+    "\n",
+    "\r",
+    "\t",
+    "\x00",
+    "\x85",
+    "\u2028",
+    '"',
+    "'",
+    "`",
+    "\\",
+    "{",
+    "}",
+    "{$HOME}",
+    "{http.request.uri}",
+    "%",
+    "%h",
+    "%(here)s",
+    "$",
+    "$HOME",
+    "${HOME}",
+    "$$",
+    " ",
+    " #x",
+    " ;x",
+    "#",
+    ";",
+    ",",
+    "=",
+    ":",
+    ": ",
+    "[",
+    "]",
+    "/",
+    "..",
+    "-",
+    "é",
+    "日本",
+    "\U0001f600",
+    "\n[Service]\nExecStartPre=/bin/id\n",
+    "\n}\n:9 {\nrespond 200\n}\n",
+    "\nrole: replica\n",
+]
+_pieces = st.lists(
+    st.one_of(
+        st.sampled_from(FRAGMENTS),
+        st.text(st.characters(blacklist_categories=("Cs", "Lu", "Lt")), max_size=3),
+    ),
+    max_size=3,
+).map("".join)
+
+
+def affixed(base: str) -> st.SearchStrategy[str]:
+    return st.tuples(_pieces, _pieces).map(lambda fixes: fixes[0] + base + fixes[1])
+
+
+def _set(path: str) -> Callable[[dict[str, Any], str], None]:
+    table, _, name = path.rpartition(".")
+
+    def setter(data: dict[str, Any], value: str) -> None:
+        target: Any = data
+        for part in re.findall(r"[^.\[\]]+", table):
+            target = target[int(part)] if part.isdigit() else target.setdefault(part, {})
+        if name.endswith("]"):
+            name_, index = name[:-1].split("[")
+            target[name_][int(index)] = value
+        else:
+            target[name] = value
+
+    return setter
+
+
+def _data(kind: str, tmp_path: Path) -> dict[str, Any]:
+    data = reference_data()
+    data["devpi"] = {"user": "pypisvc", "home": "/srv/homemark", "venv": "/opt/venvmark"}
+    data["backup"] = {"dir": "/var/backups/bkmark", "schedule": "daily"}
+    if kind == "internal":
+        data["server"] = {"domain": "pypi.example.com", "tls": "internal"}
+    elif kind == "company-ca":
+        data["server"]["acme_ca"] = "https://ca.example.net/acme/directory"
+    elif kind in ("primary", "replica"):
+        secret = tmp_path / "secret"
+        secret.write_bytes(SECRET)
+        data["devpi"]["secret_file"] = str(secret)
+        data["devpi"]["role"] = kind
+        if kind == "primary":
+            data["server"] = {"domain": "pypi.example.com", "tls": "internal", "http_port": 0}
+            data["devpi"]["replication_port"] = 8444
+            data["devpi"]["replica_addresses"] = ["10.0.0.5"]
+        else:
+            data["devpi"]["primary_url"] = "https://primary.example.net:8444"
+    return data
+
+
+def _getter(attribute: str) -> Callable[[Config], str]:
+    def get(config: Config) -> str:
+        value: Any = config
+        for part in attribute.split("."):
+            value = value[int(part)] if part.isdigit() else getattr(value, part)
+        return str(value)
+
+    return get
+
+
+# key -> (config kind, base value, where the parsed Config holds it)
+KEYS: dict[str, tuple[str, str, str]] = {
+    "server.domain": ("acme", "pypi.example.com", "server.domain"),
+    "server.acme_email": ("acme", "ops@example.com", "server.acme_email"),
+    "server.acme_ca": ("company-ca", "https://ca.example.net/acme/directory", "server.acme_ca"),
+    "server.caddy_admin": ("acme", "localhost:2019", "server.caddy_admin"),
+    "devpi.user": ("acme", "pypisvc", "devpi.user"),
+    "devpi.home": ("acme", "/srv/homemark", "devpi.home"),
+    "devpi.venv": ("acme", "/opt/venvmark", "devpi.venv"),
+    "devpi.root_password_file": ("acme", "/etc/rootpassmark", "devpi.root_password_file"),
+    "devpi.server_version": ("acme", "6.20.3", "devpi.server_version"),
+    "devpi.primary_url": ("replica", "https://primary.example.net:8444", "devpi.primary_url"),
+    "devpi.replica_addresses[0]": ("primary", "10.0.0.5", "devpi.replica_addresses.0"),
+    "backup.dir": ("acme", "/var/backups/bkmark", "backup.dir"),
+    "backup.schedule": ("acme", "daily", "backup.schedule"),
+    "users[0].name": ("acme", "devops", "users.0.name"),
+    "users[0].password": ("acme", "change-me", "users.0.password"),
+    "indexes[0].name": ("acme", "devops/pypi", "indexes.0.name"),
+}
+
+
+def caddy_json(text: str, directory: Path) -> Any:
+    caddyfile = directory / "Caddyfile"
+    caddyfile.write_text(text)
+    adapted = subprocess.run(
+        [CADDY, "adapt", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "CANARY": "caddy-read-its-env"},
+    )
+    if adapted.returncode != 0:
+        raise CaddyRefused(adapted.stderr)
+    return json.loads(adapted.stdout)
+
+
+class CaddyRefused(AssertionError):
+    """`caddy adapt` refused the Caddyfile (as the caddy step's `caddy validate` would)."""
+
+
+def supervisor_program(text: str) -> dict[str, Any]:
+    parser = UnhosedConfigParser()
+    parser.read_string(text)
+    (section,) = parser.sections()
+    program: dict[str, Any] = {"section": section}
+    for key, raw in parser.items(section):
+        value = raw % {}  # supervisor expands %(name)s; %% is a percent sign
+        if key == "command":
+            program[key] = shlex.split(value)
+        elif key == "environment":
+            program[key] = dict_of_key_value_pairs(value)
+        else:
+            program[key] = value
+    return program
+
+
+def systemd_units(service: str, timer: str, directory: Path) -> Any:
+    for name, text in (
+        ("devpi-agent-backup.service", service),
+        ("devpi-agent-backup.timer", timer),
+    ):
+        (directory / name).write_text(text)
+    if SYSTEMD_ANALYZE:
+        verified = subprocess.run(
+            [SYSTEMD_ANALYZE, "verify", "--man=no", str(directory / "devpi-agent-backup.timer")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verified.returncode == 0, (service, timer, verified.stderr)
+    unit = formats.systemd_unit(service)
+    timer_unit = formats.systemd_unit(timer)
+    interpreted = {("Unit", "Description"), ("Service", "ExecStart"), ("Timer", "OnCalendar")}
+    return {
+        # Every other setting as written; these three as systemd reads them.
+        "service": [e for e in unit if e[:2] not in interpreted],
+        "timer": [e for e in timer_unit if e[:2] not in interpreted],
+        "description": formats.specifiers(formats.systemd_value(unit, "Unit", "Description")),
+        "exec": formats.systemd_exec(formats.systemd_value(unit, "Service", "ExecStart")),
+        "timer-description": formats.specifiers(
+            formats.systemd_value(timer_unit, "Unit", "Description")
+        ),
+        "calendar": formats.specifiers(formats.systemd_value(timer_unit, "Timer", "OnCalendar")),
+    }
+
+
+def parsed_files(files: dict[str, str], directory: Path) -> dict[str, Any]:
+    """Each file as its own reader sees it; a parse failure fails the test."""
+    cron_line = files["devpi-agent-backup.cron"].splitlines()[-1]
+    return {
+        "caddy": caddy_json(files["Caddyfile"], directory),
+        "yaml": yaml.safe_load(files["devpi-server.yml"]),
+        "supervisor": supervisor_program(files["supervisor-devpi-server.conf"]),
+        "systemd": systemd_units(
+            files["devpi-agent-backup.service"], files["devpi-agent-backup.timer"], directory
+        ),
+        "cron": formats.cron_command(cron_line, str(backup.CRON_LOG)),
+    }
+
+
+def replaced(tree: Any, old: str, new: str) -> Any:
+    if isinstance(tree, str):
+        return tree.replace(old, new)
+    if isinstance(tree, dict):
+        return {replaced(k, old, new): replaced(v, old, new) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(replaced(v, old, new) for v in tree)
+    return tree
+
+
+def calendar_ok(schedule: str) -> bool:
+    checked = subprocess.run(
+        [SYSTEMD_ANALYZE or "systemd-analyze", "calendar", schedule],
+        capture_output=True,
+        timeout=60,
+    )
+    return checked.returncode == 0
+
+
+CADDY = shutil.which("caddy") or ""
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ""
+
+
+@pytest.fixture(autouse=True)
+def fixed_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bcrypt salts differ per render; the hash is not what these tests are about.
+    monkeypatch.setattr(caddy, "hash_for", lambda *args, **kwargs: BCRYPT)
+    monkeypatch.setattr(backup, "agent_executable", lambda: Path("/bin/true"))
+
+
+def check_value(key: str, value: str, tmp_path: Path, cache: dict[str, Any]) -> None:
+    kind, _base, attribute = KEYS[key]
+    get = _getter(attribute)
+    data = _data(kind, tmp_path)
+    _set(key)(data, value)
+    if key == "users[0].name":
+        data["indexes"][0]["name"] = f"{value}/pypi"
+    try:
+        config = parse(data)
+    except ConfigError as error:
+        assert error.key == key, (value, error)
+        event("refused")
+        return
+    if key == "backup.schedule" and not calendar_ok(config.backup.schedule):
+        return  # the backup step refuses it before writing anything (systemd-analyze calendar)
+    if kind not in cache:
+        reference = parse(_data(kind, tmp_path))
+        cache[kind] = (get(reference), rendered_files(tmp_path, reference))
+    base_value, reference_files = cache[kind]
+    files = rendered_files(tmp_path, config)
+    if files == reference_files:
+        event("accepted, in no file")
+        return
+    event("accepted, rendered")
+    expected = get(config)
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    ours = replaced(parsed_files(files, directory), expected, base_value)
+    theirs = parsed_files(reference_files, Path(tempfile.mkdtemp(dir=tmp_path)))
+    assert ours == theirs, (key, value, files)
+
+
+PROPERTY = settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@pytest.mark.parametrize("key", sorted(KEYS))
+@PROPERTY
+@given(data=st.data())
+def test_every_string_value_is_refused_or_stays_one_value(
+    tmp_path: Path, key: str, data: st.DataObject
+) -> None:
+    assert CADDY, "caddy is not installed (apt-get install caddy): the Caddyfile check needs it"
+    value = data.draw(affixed(KEYS[key][1]), label=key)
+    check_value(key, value, tmp_path, CACHE.setdefault(key, {}))
+
+
+CACHE: dict[str, dict[str, Any]] = {}
+
+
+# --- property: the templates alone, with validation bypassed ----------------------------------
+# Defence in depth: a value set straight into the parsed Config (as if validation had a gap)
+# either makes rendering refuse (Unrepresentable), or `caddy adapt` refuse the Caddyfile (the
+# caddy step runs `caddy validate` before a file goes live), or every file holds the value whole.
+
+# attribute -> config kind. Not server.domain: Caddy reads a site address with a grammar of
+# its own (host, [IPv6], :port), which no token quoting can keep whole (pypi.example.com[ makes
+# a host "pypi.example.com[:443"); only validation (a DNS name or a plain IP) does. The token
+# filter still keeps it one token: no new site or directive (the attack test above).
+RAW: dict[str, str] = {
+    "server.acme_email": "acme",
+    "server.acme_ca": "company-ca",
+    "devpi.user": "acme",
+    "devpi.home": "acme",
+    "devpi.venv": "acme",
+    "devpi.primary_url": "replica",
+    "devpi.replica_addresses.0": "primary",
+    "backup.dir": "acme",
+    "backup.schedule": "acme",
+    "users.0.name": "acme",
+    "path": "acme",
+}
+PATHS = {"devpi.home", "devpi.venv", "backup.dir", "path"}
+
+
+def with_value(config: Config, attribute: str, value: str) -> Config:
+    if attribute == "path":
+        return dataclasses.replace(config, path=Path(value))
+    if attribute == "users.0.name":
+        user = dataclasses.replace(config.users[0], name=value)
+        return dataclasses.replace(config, users=(user, *config.users[1:]))
+    table, name = attribute.split(".", 1)
+    section = getattr(config, table)
+    new: Any = Path(value) if attribute in PATHS else value
+    if name == "replica_addresses.0":
+        name, new = "replica_addresses", (value,)
+    return dataclasses.replace(config, **{table: dataclasses.replace(section, **{name: new})})
+
+
+def raw_base(config: Config, attribute: str) -> str:
+    if attribute == "path":
+        return str(config.path)
+    return _getter(attribute)(config)
+
+
+@pytest.mark.parametrize("attribute", sorted(RAW))
+@PROPERTY
+@given(data=st.data())
+def test_templates_quote_any_value_or_refuse_it(
+    tmp_path: Path, attribute: str, data: st.DataObject
+) -> None:
+    reference = parse(_data(RAW[attribute], tmp_path), Path("/etc/devpi-agent/config.toml"))
+    base = raw_base(reference, attribute)
+    value = data.draw(affixed(base), label=attribute)
+    config = with_value(reference, attribute, value)
+    expected = raw_base(config, attribute)
+    try:
+        files = rendered_files(tmp_path, config)
+    except (Unrepresentable, ValueError):  # ValueError: urlsplit of a broken primary_url
+        event("refused by a template filter")
+        return
+    if attribute == "backup.schedule" and not calendar_ok(value):
+        return  # the backup step refuses it before writing anything (systemd-analyze calendar)
+    reference_files = rendered_files(tmp_path, reference)
+    if files == reference_files:
+        event("in no file")
+        return
+    try:
+        parsed = parsed_files(files, Path(tempfile.mkdtemp(dir=tmp_path)))
+    except CaddyRefused:
+        event("refused by caddy adapt")
+        return
+    event("rendered")
+    # An IPv6-looking domain is bracketed in URLs and site addresses.
+    pairs = [(f"[{expected}]", base), (expected, base)]
+    if attribute == "devpi.primary_url":
+        host = replication.primary_host(config)
+        pairs.append((f"primary, {host}, which", "primary, primary.example.net, which"))
+    ours = parsed
+    for old, new in pairs:
+        ours = replaced(ours, old, new)
+    theirs = parsed_files(reference_files, Path(tempfile.mkdtemp(dir=tmp_path)))
+    assert ours == theirs, (attribute, value, files)
