@@ -58,7 +58,15 @@ KEY_DERIVATION_COSTS: dict[str, Argon2Cost | None] = {
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _DEVPI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*([a-z]+[0-9]*)?(\.post[0-9]+)?(\.dev[0-9]+)?$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# What a real address holds, and nothing Caddy would read as a placeholder ({$VAR}) or a quote.
+_EMAIL = re.compile(
+    r"[A-Za-z0-9._%+-]{1,64}@(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)+[A-Za-z][A-Za-z0-9-]{0,62}"
+)
+# Every path goes into systemd units, supervisor's INI, YAML and the cron line: only what real
+# paths use, none of those formats' quotes, comments, specifiers or placeholders (%, $, {}).
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@-]*")
+# RFC 3986's characters, without the quote, $ and braces a Caddyfile or YAML would act on.
+_URL_CHARS = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!&()*+,;=%-]+")
 # Caddy's admin API takes any config from whoever reaches it, without a password. A unix socket
 # in a directory only caddy (and root) may enter keeps every other local user out; Caddy 2.6
 # unlinks a stale socket itself when it starts. Not under /run: it must be there after a reboot
@@ -303,10 +311,20 @@ def _choice(table: _Table, name: str, choices: tuple[str, ...], default: str) ->
 
 def _absolute_path(table: _Table, name: str, default: Path) -> Path:
     value = table.get(name, str, str(default))
-    path = Path(value)
-    if not path.is_absolute():
-        raise ConfigError(table.path(name), f"{value!r} is not an absolute path")
-    return path
+    return checked_path(table.path(name), value)
+
+
+def checked_path(key: str, value: str) -> Path:
+    """An absolute path made only of the characters every file the agent writes can hold."""
+    if not value.startswith("/"):
+        raise ConfigError(key, f"{value!r} is not an absolute path")
+    if not _SAFE_PATH.fullmatch(value):
+        raise ConfigError(
+            key,
+            f"{value!r} holds a character other than letters, digits and . _ / + @ - "
+            "(no spaces, quotes, %, $ or braces)",
+        )
+    return Path(value)
 
 
 def _own_directory(table: _Table, name: str, default: Path) -> Path:
@@ -323,6 +341,9 @@ def _version(table: _Table, name: str, default: str) -> str:
 
 
 def is_ip_address(name: str) -> bool:
+    # An IPv6 zone ID (fe80::1%eth0) may hold almost anything after the %; no server needs one.
+    if "%" in name:
+        return False
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -462,9 +483,7 @@ def _optional_absolute_path(table: _Table, name: str) -> Path | None:
     value: str | None = table.get(name, str, None)
     if value is None:
         return None
-    if not value.startswith("/") or "\0" in value or "\n" in value:
-        raise ConfigError(table.path(name), f"{value!r} is not an absolute path")
-    return Path(value)
+    return checked_path(table.path(name), value)
 
 
 def _check_https_url(key: str, url: str) -> None:
@@ -474,8 +493,8 @@ def _check_https_url(key: str, url: str) -> None:
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
         valid = False
-    # It goes into the Caddyfile unquoted: no blanks, quotes or braces.
-    if not valid or any(ch.isspace() or ch in '"{}' for ch in url):
+    # It goes into the Caddyfile: no blanks, quotes or braces.
+    if not valid or not _URL_CHARS.fullmatch(url):
         raise ConfigError(key, f"{url!r} is not an https:// URL of an ACME directory")
 
 
@@ -631,6 +650,9 @@ def _replica_addresses(table: _Table) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(item_key, f"expected a string, got {_describe(item)}")
         try:
+            # Digits, dots, colons and a prefix length only: no zone ID (::%x 0.0.0.0/0).
+            if not re.fullmatch(r"[0-9A-Fa-f:./]+", item):
+                raise ValueError(item)
             address = (
                 str(ipaddress.ip_network(item, strict=True))
                 if "/" in item
@@ -654,9 +676,9 @@ def _primary_url(key: str, table: _Table) -> str:
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
         valid = False
-    # It goes into the Caddyfile: no blanks, quotes or braces. Plain http is refused: relayed
-    # uploads carry users' passwords.
-    if not valid or any(ch.isspace() or ch in "\"'{}#" for ch in url):
+    # It goes into the Caddyfile: only RFC 3986's characters, without quotes, $, braces or a
+    # fragment. Plain http is refused: relayed uploads carry users' passwords.
+    if not valid or not _URL_CHARS.fullmatch(url) or "#" in url:
         raise ConfigError(key, f"{url!r} is not an https:// URL")
     if parts.username or parts.password:
         raise ConfigError(key, "must not hold credentials: replicas authenticate with the secret")
@@ -781,11 +803,7 @@ def _parse_users(items: list[Any]) -> tuple[User, ...]:
             raise ConfigError(key, "give exactly one of password or password_file")
         password_file: Path | None = None
         if password_file_value is not None:
-            password_file = Path(password_file_value)
-            if not password_file.is_absolute():
-                raise ConfigError(
-                    table.path("password_file"), f"{password_file_value!r} is not absolute"
-                )
+            password_file = checked_path(table.path("password_file"), password_file_value)
             password = read_password_file(table.path("password_file"), password_file)
         else:
             assert password is not None
@@ -911,6 +929,8 @@ def _array_of_tables(top: _Table, name: str) -> list[Any]:
 
 def load(path: Path) -> Config:
     """Read and validate the config file at `path`."""
+    # The backup unit and cron line run `devpi-agent backup --config <path>`.
+    checked_path("--config", str(path.absolute()))
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

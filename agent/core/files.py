@@ -16,6 +16,8 @@ import difflib
 import grp
 import os
 import pwd
+import re
+import shlex
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -41,9 +43,145 @@ class FileChange:
     diff: str
 
 
+# --- quoting for each format the templates write ---------------------------------------------
+# The config is validated so that none of these ever needs to quote; they are the second line:
+# a value goes in as exactly one token of its format, or rendering fails (Unrepresentable).
+
+
+class Unrepresentable(ValueError):
+    """A value the target format cannot hold as one plain value."""
+
+
+def _check_printable(value: str, fmt: str) -> str:
+    if not value or any(not ch.isprintable() for ch in value):
+        raise Unrepresentable(f"{value!r} cannot go into a {fmt} (empty, or a control character)")
+    return value
+
+
+_CADDY_BARE = re.compile(r"[A-Za-z0-9._:/@+%$\[\]*=,~!-]+")
+
+
+def caddy_token(value: object, *, inside_quotes: bool = False) -> str:
+    """One Caddyfile token (or, inside_quotes, a part of a quoted one). Caddy replaces {$VAR}
+    and {placeholders} even inside quotes, a backslash only escapes a quote, and Caddy trims
+    blanks from some values (a site's host): values with braces, backslashes or blanks are
+    refused."""
+    text = _check_printable(str(value), "Caddyfile")
+    if any(ch in "{}\\" or ch.isspace() for ch in text):
+        raise Unrepresentable(f"{text!r} cannot go into a Caddyfile (braces, \\ or blanks)")
+    if inside_quotes:
+        return text.replace('"', '\\"')
+    if _CADDY_BARE.fullmatch(text):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def systemd_value(value: object) -> str:
+    """A plain unit-file value (Description=, OnCalendar=): one line, specifiers escaped."""
+    text = _check_printable(str(value), "systemd unit")
+    if text.endswith("\\"):
+        raise Unrepresentable(f"{text!r} would continue onto the next line of a systemd unit")
+    return text.replace("%", "%%")
+
+
+_SYSTEMD_BARE = re.compile(r"[A-Za-z0-9._/+@:,=-]+")
+
+
+def systemd_word(value: object) -> str:
+    """One word of an ExecStart= command line: quoted and C-escaped, $ and % doubled."""
+    text = str(value)
+    if _SYSTEMD_BARE.fullmatch(text):
+        return text
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "%$":
+            out.append(ch * 2)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def ini_value(value: object) -> str:
+    """A value in supervisor's INI: % doubled (its %(here)s expansion); no inline comment."""
+    text = _check_printable(str(value), "supervisor INI")
+    if text != text.strip() or re.search(r"\s[;#]", text):
+        raise Unrepresentable(f"{text!r} cannot go into supervisor's INI (comment or blanks)")
+    return text.replace("%", "%%")
+
+
+def shell_word(value: object) -> str:
+    """One word for sh (and supervisor's command=, split like sh)."""
+    return shlex.quote(_check_printable(str(value), "command line"))
+
+
+def supervisor_env(value: object) -> str:
+    """A value of supervisor's environment=: in double quotes, which it reads with no escapes."""
+    text = ini_value(value)
+    if '"' in text or text.startswith("'") or text.endswith("'"):
+        raise Unrepresentable(f"{text!r} cannot go into supervisor's environment= (quotes)")
+    return f'"{text}"'
+
+
+def cron_word(value: object) -> str:
+    """One word of a cron.d command: sh-quoted, and cron's % (the job's stdin) escaped."""
+    return shell_word(value).replace("%", "\\%")
+
+
+# A plain YAML scalar that can only be read as this string: a path or an http(s) URL (not
+# ending in ":", which would make it a mapping key).
+_YAML_PLAIN = re.compile(r"(?:/|https?://)[A-Za-z0-9._/:@+\[\]%~-]*(?<!:)")
+
+
+def _yaml_printable(code: int) -> bool:
+    # YAML's printable set, less what YAML 1.1 readers take as line breaks or a byte-order mark.
+    return (
+        0x20 <= code <= 0x7E
+        or (0xA0 <= code <= 0xD7FF and code not in (0x2028, 0x2029))
+        or (0xE000 <= code <= 0xFFFD and code != 0xFEFF)
+        or code >= 0x10000
+    )
+
+
+def yaml_scalar(value: object) -> str:
+    """A YAML string scalar: plain when nothing in it is YAML syntax, else double-quoted."""
+    text = str(value)
+    if _YAML_PLAIN.fullmatch(text):
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif _yaml_printable(code):
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
+
+
+FILTERS = {
+    "caddy": caddy_token,
+    "systemd": systemd_value,
+    "systemd_word": systemd_word,
+    "ini": ini_value,
+    "supervisor_env": supervisor_env,
+    "shell": shell_word,
+    "cron": cron_word,
+    "yaml": yaml_scalar,
+}
+
+
 @cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(units_dir())),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -51,6 +189,8 @@ def _templates() -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,
     )
+    env.filters.update(FILTERS)
+    return env
 
 
 def render(template: str, **variables: Any) -> str:

@@ -202,6 +202,12 @@ CASES: list[tuple[str, Any, str]] = [
     ("indexes[0].bases", ["devops/pypi"], "indexes[0].bases"),  # its own base: a cycle
     ("indexes[0].bases", ["root/pypi", "root/pypi"], "indexes[0].bases[1]"),
     ("indexes[0].bases", [42], "indexes[0].bases[0]"),
+    # Values that would inject into the files the agent writes (issue #12, item 5).
+    ("server.domain", "fe80::1%x]:443 {\nreverse_proxy 127.0.0.1:4040\n}", "server.domain"),
+    ("server.acme_email", "{$AWS_SECRET_ACCESS_KEY}@example.com", "server.acme_email"),
+    ("backup.dir", "/var/backups/devpi\n[Service]\nExecStartPre=/bin/id", "backup.dir"),
+    ("devpi.home", "/var/lib/devpi\n[program:x]", "devpi.home"),
+    ("devpi.venv", "/opt/my venv", "devpi.venv"),
 ]
 
 

@@ -58,7 +58,7 @@ def test_company_acme_ca_parses() -> None:
         ({**FILES, "cert_file": "c.pem"}, "server.cert_file", "not an absolute path"),
         ({**FILES, "key_file": "./k.pem"}, "server.key_file", "not an absolute path"),
         ({**FILES, "cert_file": 1}, "server.cert_file", "expected a string"),
-        ({**FILES, "key_file": "/k\0.pem"}, "server.key_file", "not an absolute path"),
+        ({**FILES, "key_file": "/k\0.pem"}, "server.key_file", "holds a character"),
         ({"cert_file": "/c.pem"}, "server.cert_file", 'only used with tls = "files"'),
         ({"tls": "internal", "key_file": "/k.pem"}, "server.key_file", "only used with"),
         ({"acme_ca": "http://ca.example.com/dir"}, "server.acme_ca", "https://"),
