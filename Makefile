@@ -61,11 +61,12 @@ prereqs:
 ## venv: the test tooling (pytest, ruff, mypy, twine, uv, build) in .venv
 venv: $(VENV)/.installed
 
-## lint: ruff and mypy
+## lint: ruff, mypy, and the layers (import-linter: docs/architecture.md)
 lint: venv
 	$(VENV)/bin/ruff check agent tests tools bench
 	$(VENV)/bin/ruff format --check agent tests tools bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 ## unit: the fast tier (no root needed)
 unit: venv

@@ -34,6 +34,7 @@ from agent.commands.support import (
 from agent.core import log
 from agent.core.context import Context, StepFailed
 from agent.core.engine import LOCK_FILE, LockTimeout, single_run
+from agent.core.paths import DEVPI_CONFIG_FILE
 from agent.core.runner import CommandFailed
 from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
@@ -55,10 +56,9 @@ from agent.host.devpi_data import (
     stop_devpi,
     timestamp,
 )
+from agent.host.devpi_server import root_password
+from agent.host.supervisor import devpi_api_answers, warm_mirror
 from agent.steps import devpi_users
-from agent.steps.devpi_config import CONFIG_FILE
-from agent.steps.devpi_init import root_password
-from agent.steps.supervisor import devpi_api_answers, warm_mirror
 
 
 @dataclass
@@ -154,7 +154,7 @@ def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
     if not (source / DATAINDEX).is_file():
         raise StepFailed(f"{source} is not a devpi export: it has no {DATAINDEX}")
     check_export_entries(source)
-    for needed in (devpi.venv / "bin" / "devpi-import", CONFIG_FILE):
+    for needed in (devpi.venv / "bin" / "devpi-import", DEVPI_CONFIG_FILE):
         if not ctx.files.exists(needed):
             raise StepFailed(f"{needed} is missing: run `devpi-agent apply` on this host first")
     expected = export_inventory(source)

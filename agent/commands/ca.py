@@ -22,8 +22,8 @@ def _fail(message: str, code: int = EXIT_FAILED) -> None:
 @config_option
 def ca(config_path: Path) -> None:
     """Print Caddy's local CA root certificate (PEM; tls = "internal") for clients to trust."""
+    from agent.host.caddy import caddy_home
     from agent.host.tls import internal_root
-    from agent.steps.caddy import caddy_home
 
     config = load_config("ca", config_path)
     server = config.server

@@ -309,8 +309,8 @@ def client_config(
     config_path: Path, user_name: str, index_name: str | None, fmt: Format, shell: Shell
 ) -> None:
     """Print the twine, pip and uv settings of one user, ready to paste into a shell."""
+    from agent.host.caddy import caddy_home
     from agent.host.tls import internal_root
-    from agent.steps.caddy import caddy_home
 
     config = load_config("client-config", config_path)
     require_root("client-config")

@@ -38,16 +38,13 @@ from agent.core import log
 from agent.core.config import Config
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
+from agent.core.paths import DEVPI_PROGRAM, SYSTEM_CA_BUNDLE
+from agent.facts.systemd import is_active
 from agent.host import replication, tls
+from agent.host.caddy import caddy_home
 from agent.host.devpi_api import DevpiApi
-from agent.steps.caddy import caddy_home
-from agent.steps.devpi_init import root_password
-from agent.steps.supervisor import (
-    DEVPI_PROGRAM,
-    devpi_api_answers,
-    program_state,
-    supervisord_answers,
-)
+from agent.host.devpi_server import root_password
+from agent.host.supervisor import devpi_api_answers, program_state, supervisord_answers
 
 GIB = 1024**3
 # Below either, devpi risks failing uploads and the mirror cache; both are cheap to fix early.
@@ -147,7 +144,7 @@ def check_devpi(ctx: Context) -> Check:
 
 def check_caddy(ctx: Context) -> Check:
     if ctx.systemd:
-        state = ctx.runner.run(["systemctl", "is-active", "caddy"], check=False).stdout.strip()
+        state = is_active(ctx.runner, "caddy")
         running = state == "active"
         described = f"caddy.service is {state or 'unknown'}"
     else:
@@ -196,9 +193,6 @@ def certificate_verdict(
     if left < MIN_CERT_LEFT_SECONDS.get(tls_mode, 7 * 86400.0):
         return False, f"renewal is overdue: {described}"
     return True, described
-
-
-SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
 
 def trusted_roots(config: Config) -> list[Path]:

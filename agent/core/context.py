@@ -19,11 +19,9 @@ from typing import Any
 from agent.core import log
 from agent.core.config import Config
 from agent.core.files import DirectoryNotOwned, Files
+from agent.core.paths import PENDING_DIR
 from agent.core.platform import OsRelease
 from agent.core.runner import Runner
-
-STATE_DIR = Path("/var/lib/devpi-agent")
-PENDING_DIR = STATE_DIR / "pending"
 
 
 class StepFailed(Exception):

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.context import Context, StepFailed
+from agent.core.paths import DEVPI_CONFIG_FILE, DEVPI_PROGRAM
 from agent.host.devpi_api import DevpiApi
-from agent.steps.devpi_config import CONFIG_FILE
-from agent.steps.supervisor import DEVPI_PROGRAM, supervisorctl, wait_for_devpi
+from agent.host.supervisor import supervisorctl, wait_for_devpi
 
 DATAINDEX = "dataindex.json"
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -151,7 +151,7 @@ def export_to(ctx: Context, target: Path, venv: Path | None = None) -> None:
     devpi = ctx.config.devpi
     bin_dir = (venv or devpi.venv) / "bin"
     ctx.runner.run(
-        [str(bin_dir / "devpi-export"), "--configfile", str(CONFIG_FILE), str(target)],
+        [str(bin_dir / "devpi-export"), "--configfile", str(DEVPI_CONFIG_FILE), str(target)],
         user=devpi.user,
         cwd=str(devpi.home),
         timeout=EXPORT_TIMEOUT,
@@ -169,7 +169,7 @@ def import_into(ctx: Context, serverdir: Path, source: Path, venv: Path | None =
         [
             str(bin_dir / "devpi-import"),
             "--configfile",
-            str(CONFIG_FILE),
+            str(DEVPI_CONFIG_FILE),
             "--serverdir",
             str(serverdir),
             # Events (devpi-web's indexing) run after the start instead: the import itself
@@ -198,7 +198,7 @@ def set_root_password(ctx: Context, serverdir: Path, password: str) -> None:
             "--wait",
             str(devpi.venv / "bin" / "devpi-passwd"),
             "--configfile",
-            str(CONFIG_FILE),
+            str(DEVPI_CONFIG_FILE),
             "--serverdir",
             str(serverdir),
             "root",

@@ -24,10 +24,10 @@ from agent.core import direct_http
 from agent.core.config import Config
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
+from agent.core.paths import DEVPI_LOG, DEVPI_RESTART, SYSTEM_CA_BUNDLE
 from agent.host import replica_pki, tls
 from agent.host.devpi_api import DevpiApi, DevpiError
 from agent.host.replica_pki import Bundle, PkiProblem
-from agent.steps.venv import SYSTEM_CA_BUNDLE
 
 # The system roots plus primary_ca_file: what a replica's devpi trusts (REQUESTS_CA_BUNDLE).
 PRIMARY_CA_BUNDLE = Path("/etc/devpi-server/primary-ca-bundle.pem")
@@ -40,7 +40,6 @@ PRIMARY_CA_COPY = tls.CADDY_TLS_DIR / "primary-ca.pem"
 CADDY_COPIES = (REPLICA_CA_COPY, CLIENT_CERT_COPY, CLIENT_KEY_COPY, PRIMARY_CA_COPY)
 PRIVATE_COPIES = (CLIENT_KEY_COPY,)
 # The supervisor step's marker (it imports this module, so the name is repeated here).
-RESTART_PENDING = "devpi-server-restart"
 # A fresh replica's first pull: the first signed request costs an argon2 key derivation on both
 # sides (20-30 s on a busy 2-core host), then the changelog streams in.
 FIRST_SYNC_TIMEOUT = 240.0
@@ -56,11 +55,20 @@ def ca_bundle(config: Config) -> str:
     """The CA file devpi-server's HTTP client trusts (it reads REQUESTS_CA_BUNDLE)."""
     if is_replica(config) and config.devpi.primary_ca_file is not None:
         return str(PRIMARY_CA_BUNDLE)
-    return SYSTEM_CA_BUNDLE
+    return str(SYSTEM_CA_BUNDLE)
 
 
 def primary_host(config: Config) -> str:
     return urllib.parse.urlsplit(config.devpi.primary_url or "").hostname or "the primary"
+
+
+def primary_upstream(config: Config) -> str:
+    """primary_url as Caddy's upstream, rebuilt from its parts (ValueError if it has none)."""
+    parts = urllib.parse.urlsplit(config.devpi.primary_url or "")
+    host, port = parts.hostname, parts.port or 443
+    if parts.scheme != "https" or not host:
+        raise ValueError(f"not an https:// URL: {config.devpi.primary_url!r}")
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def primary_proxy_url(config: Config) -> str:
@@ -190,11 +198,11 @@ def converge_ca_bundle(ctx: Context) -> None:
     except tls.TlsProblem as problem:
         raise StepFailed(str(problem)) from None
     ctx.log.info("primary CA", path=str(devpi.primary_ca_file), subject=roots[0].subject)
-    system = ctx.files.read(Path(SYSTEM_CA_BUNDLE)) or ""
+    system = ctx.files.read(SYSTEM_CA_BUNDLE) or ""
     wanted = system.rstrip("\n") + "\n" + checked.decode("utf-8", "replace").strip() + "\n"
     if ctx.files.read(PRIMARY_CA_BUNDLE) != wanted:
         # devpi loads its CA file once, at start.
-        ctx.mark_pending(RESTART_PENDING)
+        ctx.mark_pending(DEVPI_RESTART)
     ctx.write(PRIMARY_CA_BUNDLE, wanted, mode=0o644)
 
 
@@ -208,7 +216,7 @@ def converge_secret(ctx: Context) -> None:
     differs = not current.exists() or current.read_bytes() != devpi.secret
     if differs and ctx.files.exists(devpi.serverdir / ".nodeinfo"):
         # devpi reads its secret at start; a running one keeps signing with the old one.
-        ctx.mark_pending(RESTART_PENDING)
+        ctx.mark_pending(DEVPI_RESTART)
     ctx.write(
         devpi.secretfile, devpi.secret, mode=0o600, owner=devpi.user, group=devpi.user, secret=True
     )
@@ -268,9 +276,7 @@ def devpi_status(port: int, timeout: float = 15) -> dict[str, Any]:
 
 
 def _recent_replication_log(ctx: Context, lines: int = 6) -> str:
-    from agent.steps.supervisor import LOG_DIR
-
-    text = ctx.files.read(LOG_DIR / "devpi-server.log") or ""
+    text = ctx.files.read(DEVPI_LOG) or ""
     picked = [line for line in text.splitlines() if "[REP]" in line or "[FREP]" in line]
     return "\n".join(picked[-lines:]) or "(no replication lines in the devpi-server log)"
 

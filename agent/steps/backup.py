@@ -18,9 +18,11 @@ from pathlib import Path
 from agent.core.config import DEFAULT_CONFIG_PATH
 from agent.core.context import Context, StepFailed
 from agent.core.files import render
+from agent.core.paths import SUPERVISOR_LOG_DIR
 from agent.facts.system import installed_packages
-from agent.steps.apt import APT_ENV, apt_options, services_held
-from agent.steps.supervisor import LOG_DIR, ensure_program, ensure_running, program_state
+from agent.facts.systemd import unit_properties
+from agent.host import apt
+from agent.host.supervisor import ensure_program, ensure_running, program_state
 
 NAME = "backup"
 UNIT_DIR = Path("/etc/systemd/system")
@@ -106,7 +108,7 @@ def _systemd_timer(ctx: Context) -> None:
     if changed and ctx.change("reload systemd units"):
         ctx.runner.run(["systemctl", "daemon-reload"], timeout=120)
     name = TIMER.name
-    state = unit_state(ctx, name)
+    state = unit_properties(ctx.runner, name, "UnitFileState", "ActiveState")
     enabled, active = state.get("UnitFileState", ""), state.get("ActiveState", "")
     if enabled != "enabled" and ctx.change(f"enable {name}"):
         ctx.runner.run(["systemctl", "enable", name], timeout=60)
@@ -119,14 +121,6 @@ def _systemd_timer(ctx: Context) -> None:
         ctx.files.remove(CRON_FILE)
 
 
-def unit_state(ctx: Context, unit: str) -> dict[str, str]:
-    """UnitFileState (enabled...) and ActiveState (active...) in one systemctl call."""
-    shown = ctx.runner.run(
-        ["systemctl", "show", unit, "--property=UnitFileState,ActiveState"], check=False
-    ).stdout
-    return dict(line.partition("=")[::2] for line in shown.splitlines() if "=" in line)
-
-
 def _cron(ctx: Context) -> None:
     schedule = cron_schedule(ctx.config.backup.schedule)
     if schedule is None:
@@ -136,18 +130,12 @@ def _cron(ctx: Context) -> None:
         )
     if "cron" not in installed_packages(ctx.runner, ["cron"]) and ctx.change("install cron"):
         # Held stopped: supervisord runs cron here, a second one started by apt would clash.
-        with services_held(ctx):
-            ctx.runner.run(
-                ["apt-get", *apt_options(ctx), "install", "-y", "--no-install-recommends", "cron"],
-                env=APT_ENV,
-                timeout=ctx.config.apt.lock_timeout + 900,
-                progress="apt-get install cron",
-            )
+        apt.install(ctx, ["cron"], timeout=900)
     content = render(
         "devpi-agent-backup.cron.j2", cron_schedule=schedule, log_file=CRON_LOG, **_variables(ctx)
     )
     ctx.write(CRON_FILE, content, mode=0o644)
-    program = render("supervisor-cron.conf.j2", log_file=LOG_DIR / "cron.log")
+    program = render("supervisor-cron.conf.j2", log_file=SUPERVISOR_LOG_DIR / "cron.log")
     ensure_program(ctx, "cron", program)
     if not ctx.check and program_state(ctx, "cron") not in ("RUNNING", "STARTING"):
         ensure_running(ctx, "cron", restart=False)

@@ -14,45 +14,43 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import pwd
 import re
 import secrets
-import socket
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import bcrypt
 
 from agent.core.config import DEFAULT_CADDY_ADMIN, admin_socket, is_ip_address
-from agent.core.context import STATE_DIR, Context, StepFailed
+from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.files import render
-from agent.core.runner import Result
-from agent.facts.system import caddy_version
-from agent.host import replication, tls
-from agent.steps.supervisor import (
-    LOG_DIR,
-    ensure_program,
-    ensure_running,
-    program_state,
-    supervisorctl,
+from agent.core.paths import (
+    CADDY_RELOAD,
+    CADDY_RESTART,
+    CADDYFILE,
+    STATE_DIR,
+    SUPERVISOR_LOG_DIR,
 )
+from agent.facts.system import caddy_version
+from agent.facts.systemd import unit_state
+from agent.host import replication, tls
+from agent.host.caddy import (
+    DISTRO_CADDY_VERSION,
+    admin_address,
+    basic_auth_directive,
+    caddy_home,
+    reload,
+    restart,
+    validate,
+    wait_for_https,
+)
+from agent.host.supervisor import ensure_program, ensure_running, program_state
 
 NAME = "caddy"
-CADDYFILE = Path("/etc/caddy/Caddyfile")
-CANDIDATE = Path("/etc/caddy/.Caddyfile.devpi-agent-candidate")
-RELOAD_PENDING = "caddy-reload"
-RESTART_PENDING = "caddy-restart"
-# What Caddy listens on when the Caddyfile names no admin address (Debian's stock one).
-CADDY_DEFAULT_ADMIN = "localhost:2019"
-_ADMIN_LINE = re.compile(r"^\s*admin\s+(\S+)", re.MULTILINE)
 HASH_MEMO = STATE_DIR / "basic-auth.memo"
 MEMO_KEY = STATE_DIR / "basic-auth.memo-key"
 MEMO_KEY_BYTES = 32
 BCRYPT_ROUNDS = 12
-# Debian and Ubuntu 24.04 both ship 2.6.2; assumed when Caddy is not installed yet (plan).
-DISTRO_CADDY_VERSION = (2, 6, 2)
 _HASH_LINE = re.compile(r"^\s+(?P<user>\S+)\s+(?P<hash>\$2[aby]\$\d\d\$[./A-Za-z0-9]{53})\s*$")
 
 
@@ -60,11 +58,6 @@ _HASH_LINE = re.compile(r"^\s+(?P<user>\S+)\s+(?P<hash>\$2[aby]\$\d\d\$[./A-Za-z
 class BasicAuthUser:
     name: str
     hash: str
-
-
-def basic_auth_directive(version: tuple[int, int, int]) -> str:
-    """`basicauth` was renamed `basic_auth` in 2.8.0; 2.6 rejects the new name."""
-    return "basic_auth" if version >= (2, 8, 0) else "basicauth"
 
 
 def existing_hashes(caddyfile: str | None) -> dict[str, str]:
@@ -177,7 +170,9 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         replica_ca_file=replication.REPLICA_CA_COPY,
         replica_fingerprints=replication.replica_fingerprints(ctx),
         primary_host=replication.primary_host(ctx.config),
-        primary_url=ctx.config.devpi.primary_url,
+        primary_url=(
+            replication.primary_upstream(ctx.config) if replication.is_replica(ctx.config) else None
+        ),
         primary_proxy_port=ctx.config.devpi.primary_proxy_port,
         replica_client_cert=replication.CLIENT_CERT_COPY,
         replica_client_key=replication.CLIENT_KEY_COPY,
@@ -185,12 +180,6 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
             replication.PRIMARY_CA_COPY if ctx.config.devpi.primary_ca_file is not None else None
         ),
     )
-
-
-def admin_address(caddyfile: str | None) -> str:
-    """The admin address a Caddyfile gives Caddy."""
-    match = _ADMIN_LINE.search(caddyfile or "")
-    return match[1] if match else CADDY_DEFAULT_ADMIN
 
 
 def ensure_admin_socket_dir(ctx: Context) -> None:
@@ -211,67 +200,15 @@ def ensure_admin_socket_dir(ctx: Context) -> None:
     )
 
 
-def restart(ctx: Context) -> None:
-    if ctx.systemd:
-        ctx.runner.run(["systemctl", "restart", "caddy"], timeout=120)
-    else:
-        supervisorctl(ctx, "restart", "caddy")
-
-
-def caddy_home() -> str:
-    try:
-        return pwd.getpwnam("caddy").pw_dir
-    except KeyError:
-        return "/var/lib/caddy"
-
-
-def run_as_caddy(ctx: Context, *args: str, check: bool = False) -> Result:
-    home = caddy_home()
-    return ctx.runner.run(
-        ["caddy", *args],
-        user="caddy",
-        cwd=home,
-        env={
-            "HOME": home,
-            "XDG_DATA_HOME": f"{home}/.local/share",
-            "XDG_CONFIG_HOME": f"{home}/.config",
-        },
-        check=check,
-        timeout=120,
-    )
-
-
-def validate(ctx: Context, candidate: str) -> None:
-    ctx.files.ensure_file(
-        CANDIDATE, candidate, mode=0o640, owner="root", group="caddy", record=False
-    )
-    try:
-        result = run_as_caddy(ctx, "validate", "--config", str(CANDIDATE), "--adapter", "caddyfile")
-    finally:
-        ctx.files.remove(CANDIDATE, record=False)
-    if not result.ok:
-        raise StepFailed(
-            "caddy validate rejected the new Caddyfile; the live one is unchanged:\n"
-            + result.tail()
-        )
-
-
-def reload(ctx: Context) -> Result:
-    return run_as_caddy(
-        ctx, "reload", "--config", str(CADDYFILE), "--adapter", "caddyfile", "--force"
-    )
-
-
 def ensure_started(ctx: Context) -> bool:
     """Start Caddy if nothing runs it; True if it was started (and so read the new file)."""
     if ctx.systemd:
-        active = ctx.runner.run(["systemctl", "is-active", "caddy"], check=False).stdout.strip()
-        enabled = ctx.runner.run(["systemctl", "is-enabled", "caddy"], check=False).stdout.strip()
-        if active == "active" and enabled == "enabled":
+        state = unit_state(ctx.runner, "caddy")
+        if state.running_and_enabled:
             return False
         if ctx.change("enable and start caddy.service"):
             ctx.runner.run(["systemctl", "enable", "caddy"], timeout=60)
-            if active != "active":
+            if state.active != "active":
                 ctx.runner.run(["systemctl", "start", "caddy"], timeout=120, check=False)
                 return True
         return False
@@ -279,28 +216,13 @@ def ensure_started(ctx: Context) -> bool:
         "supervisor-caddy.conf.j2",
         caddyfile=CADDYFILE,
         home=caddy_home(),
-        log_file=LOG_DIR / "caddy.log",
+        log_file=SUPERVISOR_LOG_DIR / "caddy.log",
     )
     started = ensure_program(ctx, "caddy", program)
     if not ctx.check and program_state(ctx, "caddy") != "RUNNING":
         ensure_running(ctx, "caddy", restart=False)
         return True
     return started
-
-
-def wait_for_https(ctx: Context, timeout: float = 30) -> None:
-    port = ctx.config.server.https_port
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                return
-        except OSError as error:
-            if time.monotonic() > deadline:
-                raise StepFailed(
-                    f"Caddy does not accept connections on port {port}: {error}"
-                ) from None
-            time.sleep(0.2)
 
 
 def converge(ctx: Context) -> None:
@@ -316,9 +238,9 @@ def converge(ctx: Context) -> None:
             validate(ctx, wanted)
         # Marked before the write: a run killed between the write and the reload must still
         # reload next time, or Caddy keeps serving the old file (old passwords included).
-        ctx.mark_pending(RELOAD_PENDING)
+        ctx.mark_pending(CADDY_RELOAD)
         if admin_address(current) != admin_address(wanted):
-            ctx.mark_pending(RESTART_PENDING)
+            ctx.mark_pending(CADDY_RESTART)
     ctx.write(CADDYFILE, wanted, mode=0o640, owner="root", group="caddy")
     crashpoint("caddy:written")
 
@@ -326,14 +248,14 @@ def converge(ctx: Context) -> None:
     if ctx.check:
         return
     if (
-        ctx.is_pending(RESTART_PENDING)
+        ctx.is_pending(CADDY_RESTART)
         and not started
         and ctx.change("restart caddy (its admin address changed)")
     ):
         restart(ctx)
         started = True
-    ctx.clear_pending(RESTART_PENDING)
-    if ctx.is_pending(RELOAD_PENDING) and not started and ctx.change("reload caddy"):
+    ctx.clear_pending(CADDY_RESTART)
+    if ctx.is_pending(CADDY_RELOAD) and not started and ctx.change("reload caddy"):
         result = reload(ctx)
         if not result.ok:
             _roll_back(ctx, current)
@@ -341,7 +263,7 @@ def converge(ctx: Context) -> None:
                 f"caddy reload failed; the previous Caddyfile is back:\n{result.tail()}"
             )
     wait_for_https(ctx)
-    ctx.clear_pending(RELOAD_PENDING)
+    ctx.clear_pending(CADDY_RELOAD)
     if replication.is_replica(ctx.config):
         # A replica's devpi reaches its primary through Caddy (the loopback site that presents
         # its certificate), so its first pull can only be waited for from here.

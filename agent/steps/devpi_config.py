@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from agent.core.context import Context
 from agent.core.crashpoint import crashpoint
 from agent.core.files import render
+from agent.core.paths import DEVPI_CONFIG_DIR, DEVPI_CONFIG_FILE, DEVPI_RESTART
 from agent.host import replication
 
 NAME = "devpi-config"
-CONFIG_DIR = Path("/etc/devpi-server")
-CONFIG_FILE = CONFIG_DIR / "devpi-server.yml"
 
 
 def content(ctx: Context) -> str:
@@ -30,11 +27,11 @@ def content(ctx: Context) -> str:
 
 
 def converge(ctx: Context) -> None:
-    ctx.mkdir(CONFIG_DIR, mode=0o755)
+    ctx.mkdir(DEVPI_CONFIG_DIR, mode=0o755)
     wanted = content(ctx)
-    if ctx.files.read(CONFIG_FILE) != wanted:
+    if ctx.files.read(DEVPI_CONFIG_FILE) != wanted:
         # Marked before the write: a run killed between the two still restarts devpi next time.
-        ctx.mark_pending("devpi-server-restart")
-    ctx.write(CONFIG_FILE, wanted, mode=0o644)
+        ctx.mark_pending(DEVPI_RESTART)
+    ctx.write(DEVPI_CONFIG_FILE, wanted, mode=0o644)
     crashpoint("devpi-config:written")
     replication.converge_ca_bundle(ctx)

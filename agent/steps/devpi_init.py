@@ -10,27 +10,14 @@ from __future__ import annotations
 import secrets
 import shutil
 
-from agent.core.config import ConfigError, read_password_file
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.log import redactor
+from agent.core.paths import DEVPI_CONFIG_FILE, DEVPI_RESTART
 from agent.host import replication
-from agent.steps.devpi_config import CONFIG_FILE
+from agent.host.devpi_server import root_password
 
 NAME = "devpi-init"
-
-
-def root_password(ctx: Context) -> str | None:
-    """The devpi root password from its file; None if it does not exist yet."""
-    path = ctx.config.devpi.root_password_file
-    if not ctx.files.exists(path):
-        return None
-    try:
-        password = read_password_file("devpi.root_password_file", ctx.files.host_path(path))
-    except ConfigError as error:
-        raise StepFailed(str(error)) from None
-    redactor.add(password, user="root")
-    return password
 
 
 def ensure_root_password(ctx: Context) -> str:
@@ -82,7 +69,7 @@ def converge(ctx: Context) -> None:
             [
                 str(bin_dir / "devpi-init"),
                 "--configfile",
-                str(CONFIG_FILE),
+                str(DEVPI_CONFIG_FILE),
                 "--serverdir",
                 str(staging),
                 # devpi-users makes root/pypi, with the mirror options devpi-init cannot set.
@@ -97,5 +84,5 @@ def converge(ctx: Context) -> None:
         )
         if not (real_staging / ".nodeinfo").exists():
             raise StepFailed(f"devpi-init finished but {staging}/.nodeinfo is missing")
-        ctx.mark_pending("devpi-server-restart")
+        ctx.mark_pending(DEVPI_RESTART)
         real_staging.rename(real_serverdir)

@@ -15,8 +15,8 @@ from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.host import replication
 from agent.host.devpi_api import DevpiApi, DevpiError, RemoteUser
-from agent.steps.devpi_init import root_password
-from agent.steps.supervisor import devpi_api_answers
+from agent.host.devpi_server import root_password
+from agent.host.supervisor import devpi_api_answers
 
 NAME = "devpi-users"
 

@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent.core.context import Context, StepFailed
+from agent.core.paths import CADDY_RELOAD, CADDYFILE
 from agent.host import replication, tls
 from agent.host.x509 import Address, Certificate
-from agent.steps.caddy import CADDYFILE, RELOAD_PENDING
 
 NAME = "tls"
 EXPIRY_WARNING_DAYS = 14
@@ -105,7 +105,7 @@ def _install(ctx: Context, wanted: dict[Path, bytes]) -> None:
     changed = any(_current(ctx, path) != data for path, data in wanted.items())
     if changed and ctx.files.exists(CADDYFILE):
         # Marked before the writes: a run killed in between must still reload next time.
-        ctx.mark_pending(RELOAD_PENDING)
+        ctx.mark_pending(CADDY_RELOAD)
     for path, data in wanted.items():
         private = path == tls.KEY_COPY or path in replication.PRIVATE_COPIES
         mode = 0o640 if private else 0o644

@@ -19,7 +19,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.core.context import STATE_DIR, Context, StepFailed
+from agent.core.context import Context, StepFailed
+from agent.core.paths import DEVPI_RESTART, STATE_DIR, VENV_BUILD
 from agent.core.runner import CommandFailed
 from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
@@ -35,8 +36,8 @@ from agent.host.devpi_data import (
     stop_devpi,
     timestamp,
 )
-from agent.steps import venv as venv_step
-from agent.steps.supervisor import RESTART_PENDING, warm_mirror
+from agent.host.supervisor import warm_mirror
+from agent.host.venv import ensure_venv, installed_versions
 
 NAME = "devpi-upgrade"
 RECORD = STATE_DIR / "upgrade.json"
@@ -56,7 +57,7 @@ class Migration:
 
 def installed_server_version(ctx: Context) -> str | None:
     venv = ctx.files.host_path(ctx.config.devpi.venv)
-    versions = venv_step.installed_versions(sorted(venv.glob("lib/python3*/site-packages")))
+    versions = installed_versions(sorted(venv.glob("lib/python3*/site-packages")))
     return versions.get("devpi-server")
 
 
@@ -125,7 +126,7 @@ def migrate(ctx: Context, installed: str, wanted: str) -> None:
         expected = export_inventory(ctx.files.host_path(export))
         remove_tree(ctx, Path(record.old_venv))
         move(ctx, devpi.venv, Path(record.old_venv))
-        venv_step.converge(ctx)
+        ensure_venv(ctx)
         import_into(ctx, Path(record.new_serverdir), export)
         move(ctx, devpi.serverdir, Path(record.old_serverdir))
         move(ctx, Path(record.new_serverdir), devpi.serverdir)
@@ -144,7 +145,7 @@ def migrate(ctx: Context, installed: str, wanted: str) -> None:
         ) from None
     remove_tree(ctx, Path(record.old_venv))
     ctx.files.remove(RECORD, record=False)
-    ctx.clear_pending(RESTART_PENDING)
+    ctx.clear_pending(DEVPI_RESTART)
     warm_mirror(ctx)
     ctx.log.info(
         "upgraded by export and import",
@@ -171,6 +172,6 @@ def roll_back(ctx: Context, record: Migration) -> None:
         move(ctx, old_serverdir, devpi.serverdir)
     remove_tree(ctx, Path(record.new_serverdir))
     ctx.files.remove(RECORD, record=False)
-    ctx.clear_pending(venv_step.BUILD_PENDING)
+    ctx.clear_pending(VENV_BUILD)
     if ctx.files.exists(devpi.serverdir / ".nodeinfo"):
         start_devpi(ctx)

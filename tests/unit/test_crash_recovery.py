@@ -21,10 +21,13 @@ import pytest
 from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result
 
 from agent.core import crashpoint as crash
+from agent.core import paths
 from agent.core.config import DEFAULT_CADDY_ADMIN, parse
 from agent.core.engine import run_steps
 from agent.core.files import render
 from agent.core.runner import Result
+from agent.host import supervisor as host_supervisor
+from agent.host import venv as host_venv
 from agent.steps import Step, StepFailed, apt, caddy, devpi_config, supervisor, venv
 
 
@@ -193,7 +196,7 @@ def venv_runner(root: Path) -> FakeRunner:
         return result(call.argv)
 
     runner = FakeRunner()
-    runner.on([venv.SYSTEM_PYTHON, "-m", "venv"], make)
+    runner.on([host_venv.SYSTEM_PYTHON, "-m", "venv"], make)
     runner.on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), pip)
     return runner
 
@@ -209,7 +212,7 @@ def test_pip_killed_midway_means_a_fresh_venv_next_run(tmp_path: Path) -> None:
     runner = FakeRunner().on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), killed)
     with pytest.raises(Killed):
         venv.converge(make_ctx(tmp_path, config(), runner))
-    assert venv.missing_pins(make_ctx(tmp_path, config(), FakeRunner())) == []
+    assert host_venv.missing_pins(make_ctx(tmp_path, config(), FakeRunner())) == []
 
     runner = venv_runner(tmp_path)
     ctx = make_ctx(tmp_path, config(), runner)
@@ -217,7 +220,7 @@ def test_pip_killed_midway_means_a_fresh_venv_next_run(tmp_path: Path) -> None:
     assert runner.calls[0].argv[1:] == ("-m", "venv", "--clear", str(VENV))
     assert runner.calls[1].argv[1:4] == ("-m", "pip", "install")
     assert ctx.is_pending("devpi-server-restart")
-    assert not ctx.is_pending(venv.BUILD_PENDING)
+    assert not ctx.is_pending(paths.VENV_BUILD)
 
     again = venv_runner(tmp_path)
     venv.converge(make_ctx(tmp_path, config(), again))
@@ -231,7 +234,7 @@ def test_venv_creation_killed_is_redone(tmp_path: Path) -> None:
         make_venv(tmp_path, pins=False)
         raise Killed("ensurepip")
 
-    runner = FakeRunner().on([venv.SYSTEM_PYTHON, "-m", "venv"], killed)
+    runner = FakeRunner().on([host_venv.SYSTEM_PYTHON, "-m", "venv"], killed)
     with pytest.raises(Killed):
         venv.converge(make_ctx(tmp_path, config(), runner))
 
@@ -261,7 +264,7 @@ def test_venv_never_clears_a_directory_that_is_no_venv(tmp_path: Path) -> None:
 
 def test_venv_check_mode_reports_the_rebuild_and_changes_nothing(tmp_path: Path) -> None:
     make_venv(tmp_path)
-    make_ctx(tmp_path, config(), FakeRunner()).mark_pending(venv.BUILD_PENDING)
+    make_ctx(tmp_path, config(), FakeRunner()).mark_pending(paths.VENV_BUILD)
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, config(), runner, check=True)
     venv.converge(ctx)
@@ -279,12 +282,12 @@ def test_devpi_config_written_then_killed_still_restarts(
     monkeypatch.setattr(devpi_config, "crashpoint", dies_at("devpi-config:written"))
     with pytest.raises(Killed):
         devpi_config.converge(make_ctx(tmp_path, config(), FakeRunner()))
-    assert under(tmp_path, devpi_config.CONFIG_FILE).exists()
+    assert under(tmp_path, paths.DEVPI_CONFIG_FILE).exists()
     monkeypatch.undo()
     ctx = make_ctx(tmp_path, config(), FakeRunner())
     devpi_config.converge(ctx)
     assert ctx.changes == []
-    assert ctx.is_pending(supervisor.RESTART_PENDING)
+    assert ctx.is_pending(paths.DEVPI_RESTART)
 
 
 CADDY_VERSION = "v2.6.2 h1:QnKDiR6UQkOWZSvJ1Ws6LLbCfNkOT3OBWDJo7xFTZe8=\n"
@@ -320,31 +323,31 @@ def test_caddyfile_written_then_killed_is_reloaded_next_run(
     caddy.converge(ctx)
     assert len(second.ran(["caddy", "reload"])) == 1
     assert ctx.changes == ["reload caddy"]
-    assert not ctx.is_pending(caddy.RELOAD_PENDING)
+    assert not ctx.is_pending(paths.CADDY_RELOAD)
 
 
 def test_supervisor_program_written_then_killed_is_updated_next_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # supervisord knows the program, with its old definition.
-    monkeypatch.setattr(supervisor, "program_state", lambda ctx, program: "RUNNING")
-    path = under(tmp_path, supervisor.PROGRAMS_DIR / "devpi-server.conf")
+    monkeypatch.setattr(host_supervisor, "program_state", lambda ctx, program: "RUNNING")
+    path = under(tmp_path, paths.SUPERVISOR_PROGRAMS_DIR / "devpi-server.conf")
     path.parent.mkdir(parents=True)
     path.write_text("[program:devpi-server]\ncommand=/old\n")
-    monkeypatch.setattr(supervisor, "crashpoint", dies_at("supervisor:devpi-server-written"))
+    monkeypatch.setattr(host_supervisor, "crashpoint", dies_at("supervisor:devpi-server-written"))
     ctx = make_ctx(tmp_path, config(), FakeRunner())
     with pytest.raises(Killed):
-        supervisor.ensure_program(ctx, "devpi-server", supervisor.program_content(ctx))
+        host_supervisor.ensure_program(ctx, "devpi-server", supervisor.program_content(ctx))
 
-    monkeypatch.setattr(supervisor, "crashpoint", crash.crashpoint)
+    monkeypatch.setattr(host_supervisor, "crashpoint", crash.crashpoint)
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, config(), runner)
-    assert supervisor.ensure_program(ctx, "devpi-server", supervisor.program_content(ctx))
+    assert host_supervisor.ensure_program(ctx, "devpi-server", supervisor.program_content(ctx))
     assert [c.argv[3:] for c in runner.calls] == [("reread",), ("update", "devpi-server")]
     assert not ctx.is_pending("supervisor-update-devpi-server")
 
     quiet = FakeRunner()
-    supervisor.ensure_program(
+    host_supervisor.ensure_program(
         make_ctx(tmp_path, config(), quiet), "devpi-server", supervisor.program_content(ctx)
     )
     assert quiet.calls == []
@@ -411,7 +414,7 @@ def test_update_killed_midway_is_redone_though_lists_look_fresh(tmp_path: Path) 
     runner.on(lambda c: c.argv[0] == "apt-get" and c.argv[-1] == "update", killed)
     ctx = make_ctx(tmp_path, config(), runner)
     # lists are fresh, so no update: force one to be under way when the kill comes
-    ctx.mark_pending(apt.LISTS_PENDING)
+    ctx.mark_pending(paths.APT_LISTS)
     with pytest.raises(Killed):
         apt.converge(ctx)
 
@@ -421,7 +424,7 @@ def test_update_killed_midway_is_redone_though_lists_look_fresh(tmp_path: Path) 
     ctx = make_ctx(tmp_path, config(), runner)
     apt.converge(ctx)
     assert ctx.changes == ["refresh apt package lists", "install caddy"]
-    assert not ctx.is_pending(apt.LISTS_PENDING)
+    assert not ctx.is_pending(paths.APT_LISTS)
 
 
 @pytest.mark.parametrize(

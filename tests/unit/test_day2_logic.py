@@ -696,7 +696,7 @@ def upgrade_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
         events.append("venv")
         fake_venv(tmp_path, "6.20.3")
 
-    monkeypatch.setattr(upgrade.venv_step, "converge", build_venv)
+    monkeypatch.setattr(upgrade, "ensure_venv", build_venv)
 
     def export(call: Call) -> Result:
         write_export(tmp_path / call.argv[-1].lstrip("/"), {"devops/pypi/p/1/p-1.whl": "aa"})

@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO_ROOT
 
 from agent.host import replication
+from agent.host import supervisor as host_supervisor
 from agent.host.devpi_api import DevpiApi
-from agent.steps import supervisor
 
 
 class _Devpi(http.server.BaseHTTPRequestHandler):
@@ -94,7 +94,7 @@ def test_devpi_calls_with_passwords_skip_the_proxy(devpi_port: int, proxy: list[
 
 
 def test_readiness_and_status_polls_skip_the_proxy(devpi_port: int, proxy: list[bytes]) -> None:
-    assert supervisor.devpi_api_answers(devpi_port) is True
+    assert host_supervisor.devpi_api_answers(devpi_port) is True
     assert replication.devpi_status(devpi_port, timeout=5)["serial"] == 3
     assert proxy == []
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import FakeRunner, make_ctx, reference_data
 
+from agent.core import paths
 from agent.core.config import Config, ConfigError, parse
 from agent.core.context import StepFailed
 from agent.core.files import OWNED_DIRS, DirectoryNotOwned, Files
@@ -254,7 +255,7 @@ def test_a_changed_admin_address_restarts_caddy(
     ctx = make_ctx(tmp_path, config(), runner)
     caddy.converge(ctx)
     assert runner.ran(["systemctl", "restart", "caddy"]) and not runner.ran(["caddy", "reload"])
-    assert not ctx.is_pending(caddy.RESTART_PENDING)
+    assert not ctx.is_pending(paths.CADDY_RESTART)
     second = FakeRunner()
     second.on(["caddy", "version"], stdout="v2.6.2 h1:x=\n")
     second.on(["systemctl", "is-active"], stdout="active\n")

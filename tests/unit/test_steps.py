@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from conftest import Call, FakeRunner, make_ctx, program, reference_data, result
 
-from agent.core import engine, log
+from agent.core import engine, log, paths
 from agent.core.config import DEFAULT_CADDY_ADMIN, Config, parse
 from agent.core.engine import LockTimeout, run_steps, single_run
 from agent.core.files import render
 from agent.core.runner import CommandFailed, Result
+from agent.host import caddy as host_caddy
+from agent.host import venv as host_venv
 from agent.steps import STEPS, Context, Step, StepFailed, apt, caddy, devpi_init, service_user, venv
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -420,14 +422,14 @@ def test_installed_versions(tmp_path: Path) -> None:
         (one / name).mkdir(parents=True)
     for name in ("devpi_client-7.3.0.dist-info", "zope.interface-7.1.1.dist-info"):
         (two / name).mkdir(parents=True)
-    assert venv.installed_versions([one, two]) == {
+    assert host_venv.installed_versions([one, two]) == {
         "devpi-server": "6.20.3",
         "devpi-web": "5.1.1",
         "devpi-common": "4.1.1",
         "devpi-client": "7.3.0",
         "zope-interface": "7.1.1",
     }
-    assert venv.installed_versions([tmp_path / "missing"]) == {}
+    assert host_venv.installed_versions([tmp_path / "missing"]) == {}
 
 
 def test_venv_pins_match_no_pip(tmp_path: Path) -> None:
@@ -470,11 +472,11 @@ def test_venv_created_when_missing(tmp_path: Path) -> None:
         return result(call.argv)
 
     runner = pip_installs_pins(tmp_path)
-    runner.on([venv.SYSTEM_PYTHON, "-m", "venv"], make)
+    runner.on([host_venv.SYSTEM_PYTHON, "-m", "venv"], make)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
     assert [c.argv[1:3] for c in runner.calls] == [("-m", "venv"), ("-m", "pip")]
-    assert runner.calls[0].argv == (venv.SYSTEM_PYTHON, "-m", "venv", str(VENV))
+    assert runner.calls[0].argv == (host_venv.SYSTEM_PYTHON, "-m", "venv", str(VENV))
     assert ctx.changes[0] == f"create venv {VENV}"
 
 
@@ -688,10 +690,10 @@ def test_caddy_validate_failure_keeps_live_file(tmp_path: Path) -> None:
     with pytest.raises(StepFailed, match="caddy validate rejected"):
         caddy.converge(ctx)
     assert live.read_text() == "old\n"
-    assert not under(tmp_path, caddy.CANDIDATE).exists()
+    assert not under(tmp_path, host_caddy.CANDIDATE).exists()
     [validate] = runner.ran(["caddy", "validate"])
     assert validate.user == "caddy"
-    assert validate.argv[validate.argv.index("--config") + 1] == str(caddy.CANDIDATE)
+    assert validate.argv[validate.argv.index("--config") + 1] == str(host_caddy.CANDIDATE)
 
 
 @pytest.mark.usefixtures("fast_bcrypt")
@@ -709,7 +711,7 @@ def test_caddy_reload_failure_rolls_back(tmp_path: Path) -> None:
         caddy.converge(ctx)
     assert live.read_text() == OLD_CADDYFILE
     assert len(runner.ran(["caddy", "reload"])) == 2  # the new file, then the old one again
-    assert ctx.is_pending(caddy.RELOAD_PENDING)
+    assert ctx.is_pending(paths.CADDY_RELOAD)
 
 
 @pytest.mark.usefixtures("fast_bcrypt")

@@ -26,8 +26,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.commands.cli import main
+from agent.core import paths
 from agent.core.config import Config, parse
 from agent.core.context import StepFailed
+from agent.host import caddy as host_caddy
 from agent.host import tls, x509
 from agent.steps import caddy
 from agent.steps import tls as tls_step
@@ -730,7 +732,7 @@ def test_files_are_checked_and_installed(tmp_path: Path, pki: Pki, facts: dict[s
     assert under(root, tls.CERT_COPY).stat().st_mode & 0o777 == 0o644
     assert under(root, tls.CADDY_TLS_DIR).stat().st_mode & 0o777 == 0o750
     # No Caddyfile yet: Caddy is started later and reads the files then.
-    assert not ctx.is_pending(caddy.RELOAD_PENDING)
+    assert not ctx.is_pending(paths.CADDY_RELOAD)
     again = make_ctx(root, files_config(pki), FakeRunner())
     tls_step.converge(again)
     assert again.changes == []
@@ -747,7 +749,7 @@ def test_changed_files_reload_caddy(tmp_path: Path, pki: Pki, facts: dict[str, A
     ctx = make_ctx(root, files_config(pki, cert=renewed), FakeRunner())
     tls_step.converge(ctx)
     assert ctx.changes == [f"write {tls.CERT_COPY}"]
-    assert ctx.is_pending(caddy.RELOAD_PENDING)
+    assert ctx.is_pending(paths.CADDY_RELOAD)
 
 
 def test_bad_files_leave_the_installed_ones(
@@ -853,7 +855,7 @@ def write_config(tmp_path: Path, **server: Any) -> Path:
 def test_ca_prints_the_local_root(
     tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(caddy, "caddy_home", lambda: str(tmp_path / "caddy"))
+    monkeypatch.setattr(host_caddy, "caddy_home", lambda: str(tmp_path / "caddy"))
     root = tls.internal_root(tmp_path / "caddy")
     root.parent.mkdir(parents=True)
     root.write_bytes(pki.ca.read_bytes())
@@ -865,7 +867,7 @@ def test_ca_prints_the_local_root(
 
 
 def test_ca_before_caddy_made_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(caddy, "caddy_home", lambda: str(tmp_path / "caddy"))
+    monkeypatch.setattr(host_caddy, "caddy_home", lambda: str(tmp_path / "caddy"))
     result = CliRunner().invoke(
         main, ["ca", "--config", str(write_config(tmp_path, tls="internal"))]
     )
