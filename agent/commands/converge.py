@@ -70,9 +70,18 @@ def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float
     return report
 
 
-def _print_diffs(report: RunReport) -> None:
-    for change in report.file_changes:
-        click.echo(redactor(change.diff), nl=False)
+def _print_steps(report: RunReport, *, verb: str, diffs: bool) -> None:
+    """Each step's changes in order, each file change followed by its diff (as Ansible's
+    --diff does per task)."""
+    for step in report.steps:
+        pending = list(step.file_changes) if diffs else []
+        for change in step.changes:
+            click.echo(f"{step.name}: {verb}{change}")
+            for file_change in [fc for fc in pending if str(fc.path) in change]:
+                click.echo(redactor(file_change.diff), nl=False)
+                pending.remove(file_change)
+        for file_change in pending:
+            click.echo(redactor(file_change.diff), nl=False)
 
 
 def _finish(report: RunReport) -> NoReturn:
@@ -104,7 +113,7 @@ def apply(
         click.echo(json.dumps(report.as_json()))
     else:
         if show_diff:
-            _print_diffs(report)
+            _print_steps(report, verb="", diffs=True)
         _print_summary(report)
     _finish(report)
 
@@ -118,10 +127,7 @@ def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
     config = _load_or_exit(config_path)
     require_root("plan")
     report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
-    _print_diffs(report)
-    for step in report.steps:
-        for change in step.changes:
-            click.echo(f"{step.name}: would {change}")
+    _print_steps(report, verb="would ", diffs=True)
     _print_summary(report)
     _finish(report)
 

@@ -354,7 +354,8 @@ def is_ip_address(name: str) -> bool:
 def _check_domain(key: str, domain: str) -> None:
     if is_ip_address(domain):
         return
-    labels = domain.rstrip(".").split(".")
+    # No trailing dot: Caddy refuses "pypi.example.com." and ".." as a certificate subject.
+    labels = domain.split(".")
     if len(domain) > 253 or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels):
         raise ConfigError(key, f"{domain!r} is neither a DNS name nor an IP address")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.core import log
 from agent.core.config import Config
-from agent.core.files import DirectoryNotOwned, Files
+from agent.core.files import DirectoryNotOwned, FileChange, Files
 from agent.core.paths import PENDING_DIR
 from agent.core.platform import OsRelease
 from agent.core.runner import Runner
@@ -40,6 +40,15 @@ class Context:
     log: Any = field(default_factory=log.get)
     _pending_in_memory: set[str] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.files.on_change = self._file_changed
+
+    def _file_changed(self, change: FileChange) -> None:
+        # A file the step wrote, removed or re-permissioned is a change of that step, unless
+        # the step already said so in its own words ("remove X (backup.enabled = false)").
+        if not any(str(change.path) in said for said in self.changes):
+            self.change(change.what)
+
     def change(self, description: str, **details: Any) -> bool:
         """Record a change; True if it should be carried out (False in check mode)."""
         self.changes.append(description)
@@ -47,28 +56,19 @@ class Context:
         return not self.check
 
     def write(self, path: Path, content: str | bytes, **kwargs: Any) -> bool:
-        """ensure_file with the change recorded under this step."""
-        changed = self.files.ensure_file(path, content, **kwargs)
-        if changed:
-            self.change(f"write {path}")
-        return changed
+        """ensure_file; the change (and its diff) is this step's."""
+        return self.files.ensure_file(path, content, **kwargs)
 
     def mkdir(self, path: Path, **kwargs: Any) -> bool:
-        """ensure_dir with the change recorded; key= for a configured directory (see files)."""
+        """ensure_dir; key= for a configured directory (see files), refused as a StepFailed."""
         try:
-            changed = self.files.ensure_dir(path, **kwargs)
+            return self.files.ensure_dir(path, **kwargs)
         except DirectoryNotOwned as error:
             raise StepFailed(str(error)) from None
-        if changed:
-            self.change(f"make directory {path}")
-        return changed
 
     def mkparent(self, path: Path, **kwargs: Any) -> bool:
         """The directory of a configured file: made if missing, an existing one left alone."""
-        changed = self.files.ensure_parent(path, **kwargs)
-        if changed:
-            self.change(f"make directory {path.parent}")
-        return changed
+        return self.files.ensure_parent(path, **kwargs)
 
     # A service restart that was due when a run died must still happen on the next run, so
     # "restart needed" lives on disk until the restart succeeded.

@@ -27,6 +27,8 @@ class StepReport:
     seconds: float
     changes: list[str] = field(default_factory=list)
     error: str | None = None
+    # The diffs of the files this step wrote (or would write, in plan).
+    file_changes: list[FileChange] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +69,7 @@ def run_steps(ctx: Context, steps: Sequence[Step]) -> RunReport:
     skipped: list[str] = []
     for position, step in enumerate(steps):
         ctx.changes = []
+        files_before = len(ctx.files.changes)
         log = ctx.log.bind(step=step.name)
         step_ctx_log, ctx.log = ctx.log, log
         began = time.monotonic()
@@ -85,7 +88,8 @@ def run_steps(ctx: Context, steps: Sequence[Step]) -> RunReport:
             ctx.log = step_ctx_log
         seconds = time.monotonic() - began
         status: Status = "failed" if error else ("changed" if ctx.changes else "ok")
-        reports.append(StepReport(step.name, status, seconds, list(ctx.changes), error))
+        step_files = list(ctx.files.changes[files_before:])
+        reports.append(StepReport(step.name, status, seconds, list(ctx.changes), error, step_files))
         log.info("step", status=status, seconds=round(seconds, 3))
         if error:
             skipped = [s.name for s in steps[position + 1 :]]

@@ -20,6 +20,7 @@ import re
 import shlex
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -41,6 +42,8 @@ class DirectoryNotOwned(Exception):
 class FileChange:
     path: Path
     diff: str
+    # What it is, as a step's change reads: "write /etc/caddy/Caddyfile", "remove ...".
+    what: str = ""
 
 
 # --- quoting for each format the templates write ---------------------------------------------
@@ -215,6 +218,14 @@ class Files:
         self.root = root
         self.chown = chown
         self.changes: list[FileChange] = []
+        # Every recorded change is also reported here (Context makes it a change of the step
+        # that runs): one accounting path, so no diff belongs to a step that reports ok.
+        self.on_change: Callable[[FileChange], None] | None = None
+
+    def _record(self, change: FileChange) -> None:
+        self.changes.append(change)
+        if self.on_change is not None:
+            self.on_change(change)
 
     def host_path(self, path: Path) -> Path:
         """Where `path` (absolute, as on the host) really is; tests point root at a temp dir."""
@@ -271,9 +282,9 @@ class Files:
         if not content_differs and not meta_differs:
             return False
         if record:
-            self.changes.append(
-                FileChange(path, _describe_change(path, current, data, st, mode, secret=secret))
-            )
+            what = f"write {path}" if content_differs else f"set mode {mode:04o} of {path}"
+            diff = _describe_change(path, current, data, st, mode, secret=secret)
+            self._record(FileChange(path, diff, what))
         if not self.check:
             if content_differs:
                 atomic_write(real, data, mode=mode, owner=wanted_owner)
@@ -291,8 +302,10 @@ class Files:
         owner: str = "root",
         group: str = "root",
         key: str | None = None,
+        record: bool = True,
     ) -> bool:
         """Make `path` a directory with this mode and owner; True if anything changed.
+        record=False is for the agent's own scratch directories (no change to report).
 
         key=None: one of the agent's fixed directories, always its own. key="backup.dir" etc.:
         a configured directory: made if missing; an existing one is changed only if the agent
@@ -313,7 +326,7 @@ class Files:
             )
         if key is not None and st is None:
             self._record_owned(path)
-        return self._converge_dir(path, st, mode=mode, owner=owner, group=group)
+        return self._converge_dir(path, st, mode=mode, owner=owner, group=group, record=record)
 
     def ensure_parent(
         self, path: Path, *, mode: int, owner: str = "root", group: str = "root"
@@ -359,14 +372,23 @@ class Files:
         atomic_write(real, data, mode=0o600, owner=None)
 
     def _converge_dir(
-        self, path: Path, st: os.stat_result | None, *, mode: int, owner: str, group: str
+        self,
+        path: Path,
+        st: os.stat_result | None,
+        *,
+        mode: int,
+        owner: str,
+        group: str,
+        record: bool = True,
     ) -> bool:
         if st is not None and self._dir_as_wanted(st, mode, owner, group):
             return False
         wanted_owner = self._owner(owner, group)
         real = self.host_path(path)
         what = "create" if st is None else f"set mode {mode:04o} / owner {owner}:{group}"
-        self.changes.append(FileChange(path, f"directory {path}: {what}\n"))
+        summary = f"make directory {path}" if st is None else f"{what} of directory {path}"
+        if record:
+            self._record(FileChange(path, f"directory {path}: {what}\n", summary))
         if not self.check:
             real.mkdir(parents=True, exist_ok=True)
             if wanted_owner is not None:
@@ -379,7 +401,7 @@ class Files:
         if not real.exists():
             return False
         if record:
-            self.changes.append(FileChange(path, f"remove {path}\n"))
+            self._record(FileChange(path, f"remove {path}\n", f"remove {path}"))
         if not self.check:
             real.unlink()
             _fsync_dir(real.parent)

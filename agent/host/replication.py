@@ -132,7 +132,7 @@ def _ensure_ca(ctx: Context) -> Bundle | None:
     ca = _read_bundle(ctx, replica_pki.CA_FILE)
     if ca is not None:
         return ca
-    if not ctx.change("make the replication CA", path=str(replica_pki.CA_FILE)):
+    if not ctx.change(f"make the replication CA in {replica_pki.CA_FILE}"):
         return None
     ca = replica_pki.new_ca(ctx.runner)
     ctx.files.ensure_file(replica_pki.CA_FILE, ca.pem, mode=0o600, secret=True)
@@ -149,8 +149,7 @@ def _ensure_issued(ctx: Context, ca: Bundle, name: str) -> None:
         except PkiProblem:
             pass
     if not ctx.change(
-        f"issue the client certificate of replica {name}",
-        path=str(path),
+        f"issue the client certificate of replica {name} in {path}",
         note="copy it to the replica as its devpi.replica_cert_file",
     ):
         return
@@ -189,8 +188,7 @@ def converge_ca_bundle(ctx: Context) -> None:
     still fetches from PyPI itself when the primary cannot hand it a mirror file)."""
     devpi = ctx.config.devpi
     if ca_bundle(ctx.config) != str(PRIMARY_CA_BUNDLE):
-        if ctx.files.remove(PRIMARY_CA_BUNDLE):
-            ctx.change(f"remove {PRIMARY_CA_BUNDLE}")
+        ctx.files.remove(PRIMARY_CA_BUNDLE)
         return
     assert devpi.primary_ca_file is not None
     try:

@@ -137,7 +137,7 @@ def _cron(ctx: Context) -> None:
     ctx.write(CRON_FILE, content, mode=0o644)
     program = render("supervisor-cron.conf.j2", log_file=SUPERVISOR_LOG_DIR / "cron.log")
     ensure_program(ctx, "cron", program)
-    if not ctx.check and program_state(ctx, "cron") not in ("RUNNING", "STARTING"):
+    if program_state(ctx, "cron") not in ("RUNNING", "STARTING"):
         ensure_running(ctx, "cron", restart=False)
 
 

@@ -116,7 +116,7 @@ def _memo_key(ctx: Context) -> bytes | None:
         # A missing or damaged key: a new one makes every old proof worthless, as it should.
         text = secrets.token_hex(MEMO_KEY_BYTES)
     if not ctx.check:
-        ctx.files.ensure_dir(MEMO_KEY.parent, mode=0o700)
+        ctx.files.ensure_dir(MEMO_KEY.parent, mode=0o700, record=False)
         ctx.files.ensure_file(MEMO_KEY, text + "\n", mode=0o600, secret=True, record=False)
     return bytes.fromhex(text)
 
@@ -219,9 +219,9 @@ def ensure_started(ctx: Context) -> bool:
         log_file=SUPERVISOR_LOG_DIR / "caddy.log",
     )
     started = ensure_program(ctx, "caddy", program)
-    if not ctx.check and program_state(ctx, "caddy") != "RUNNING":
+    if program_state(ctx, "caddy") != "RUNNING":
         ensure_running(ctx, "caddy", restart=False)
-        return True
+        return not ctx.check
     return started
 
 

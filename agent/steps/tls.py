@@ -113,5 +113,5 @@ def _install(ctx: Context, wanted: dict[Path, bytes]) -> None:
     live = ctx.files.read(CADDYFILE) or ""
     for path in (tls.CERT_COPY, tls.KEY_COPY, tls.ACME_CA_ROOT_COPY, *replication.CADDY_COPIES):
         # Only once the live Caddyfile no longer names it: a restart of Caddy must find it.
-        if path not in wanted and str(path) not in live and ctx.files.remove(path):
-            ctx.change(f"remove {path}")
+        if path not in wanted and str(path) not in live:
+            ctx.files.remove(path)

@@ -117,7 +117,7 @@ def migrate(ctx: Context, installed: str, wanted: str) -> None:
         new_serverdir=str(devpi.serverdir.with_name(f"{devpi.serverdir.name}.upgrade-{stamp}")),
         export=str(devpi.home / f"export-{installed}-{stamp}"),
     )
-    ctx.files.ensure_dir(RECORD.parent, mode=0o700)
+    ctx.files.ensure_dir(RECORD.parent, mode=0o700, record=False)
     ctx.files.ensure_file(RECORD, json.dumps(asdict(record)) + "\n", mode=0o600, record=False)
     export = Path(record.export)
     try:

@@ -757,15 +757,18 @@ def test_a_new_ca_reissues_every_certificate(tmp_path: Path) -> None:
     (tmp_path / "etc/devpi-agent/replication-ca.pem").unlink()
     ctx = make_ctx(tmp_path, config, ShRunner())
     replication.converge_certificates(ctx)
-    assert ctx.changes[0] == "make the replication CA"
-    assert ctx.changes[1] == "issue the client certificate of replica eu-1"
+    assert ctx.changes[0] == "make the replication CA in /etc/devpi-agent/replication-ca.pem"
+    assert (
+        "issue the client certificate of replica eu-1 in /etc/devpi-agent/replicas/eu-1.pem"
+        in ctx.changes
+    )
     assert replication.replica_fingerprints(ctx) != before
 
 
 def test_plan_on_a_fresh_primary_changes_nothing(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, primary_config(), FakeRunner(), check=True)
     assert replication.converge_certificates(ctx) == {}
-    assert ctx.changes == ["make the replication CA"]
+    assert ctx.changes == ["make the replication CA in /etc/devpi-agent/replication-ca.pem"]
     assert not (tmp_path / "etc").exists()
 
 

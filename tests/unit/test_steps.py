@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import Call, FakeRunner, make_ctx, program, reference_data, result
+from conftest import REFERENCE_TOML, Call, FakeRunner, make_ctx, program, reference_data, result
 
 from agent.core import engine, log, paths
 from agent.core.config import DEFAULT_CADDY_ADMIN, Config, parse
@@ -23,6 +23,7 @@ from agent.core.engine import LockTimeout, run_steps, single_run
 from agent.core.files import render
 from agent.core.runner import CommandFailed, Result
 from agent.host import caddy as host_caddy
+from agent.host import supervisor as host_supervisor
 from agent.host import venv as host_venv
 from agent.steps import STEPS, Context, Step, StepFailed, apt, caddy, devpi_init, service_user, venv
 
@@ -982,3 +983,77 @@ def test_memo_in_check_mode_writes_no_key(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, config(), FakeRunner(), check=True)
     caddy.content(ctx, (2, 6, 2), None)
     assert not under(tmp_path, caddy.MEMO_KEY).exists()
+
+
+# --- one accounting path: every file change belongs to the step that made it --------------------
+
+
+def writes_behind_the_contexts_back(ctx: Context) -> None:
+    # A direct Files call, not ctx.write: it must still count as this step's change.
+    ctx.files.ensure_file(Path("/etc/example.conf"), "a = 1\n", mode=0o644)
+
+
+def removes_in_its_own_words(ctx: Context) -> None:
+    if ctx.files.exists(Path("/etc/example.conf")) and ctx.change(
+        "remove /etc/example.conf (no longer wanted)"
+    ):
+        ctx.files.remove(Path("/etc/example.conf"))
+
+
+def test_a_file_written_directly_makes_its_step_changed(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    report = run_steps(ctx, steps(("writer", writes_behind_the_contexts_back), ("c", ok_step)))
+    writer = report.steps[0]
+    assert (writer.status, writer.changes) == ("changed", ["write /etc/example.conf"])
+    assert [fc.path for fc in writer.file_changes] == [Path("/etc/example.conf")]
+    assert report.steps[1].file_changes == [] and report.steps[1].status == "ok"
+
+
+def test_a_change_said_in_the_steps_words_is_not_counted_twice(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/example.conf").write_text("a = 1\n")
+    ctx = make_ctx(tmp_path, config(), FakeRunner())
+    report = run_steps(ctx, steps(("remover", removes_in_its_own_words)))
+    assert report.steps[0].changes == ["remove /etc/example.conf (no longer wanted)"]
+    assert len(report.steps[0].file_changes) == 1
+
+
+def test_plan_prints_each_steps_changes_with_their_diffs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from agent.commands import converge
+
+    def fake_converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> Any:
+        ctx = make_ctx(tmp_path, config, FakeRunner(), check=True)
+        return run_steps(
+            ctx,
+            steps(
+                ("first", writes_behind_the_contexts_back),
+                ("second", lambda c: c.change("restart something")),
+            ),
+        )
+
+    monkeypatch.setattr(converge, "_converge", fake_converge)
+    monkeypatch.setattr(converge, "require_root", lambda command: None)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(REFERENCE_TOML)
+    result = CliRunner().invoke(converge.plan, ["--config", str(config_file)], obj={"verbose": 0})
+    lines = result.output.splitlines()
+    first = lines.index("first: would write /etc/example.conf")
+    # The diff follows its step's line, before the next step's changes.
+    assert lines[first + 1].startswith("--- ") and "+a = 1" in lines
+    assert lines.index("+a = 1") < lines.index("second: would restart something")
+    assert not (tmp_path / "etc/example.conf").exists()
+
+
+def test_plan_reports_a_stopped_program_that_apply_would_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(host_supervisor, "program_state", lambda ctx, program: "STOPPED")
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, config(), runner, check=True)
+    assert host_supervisor.ensure_running(ctx, "devpi-server", restart=False) is False
+    assert ctx.changes == ["start devpi-server (was STOPPED)"]
+    assert runner.calls == []
