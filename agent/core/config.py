@@ -20,6 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - CPython 3.10 has no tomllib; tomli is the same parser
     import tomli as tomllib
 
+from agent.core.netaddr import url_host
+
 DEFAULT_CONFIG_PATH = Path("/etc/devpi-agent/config.toml")
 BCRYPT_MAX_PASSWORD_BYTES = 72
 
@@ -115,7 +117,7 @@ class ServerConfig:
     @property
     def outside_url(self) -> str:
         """The https URL clients use, as devpi must write it into links."""
-        host = f"[{self.domain}]" if ":" in self.domain else self.domain
+        host = url_host(self.domain)
         port = "" if self.https_port == 443 else f":{self.https_port}"
         return f"https://{host}{port}"
 

@@ -24,6 +24,7 @@ from agent.core import direct_http
 from agent.core.config import Config
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
+from agent.core.netaddr import url_host
 from agent.core.paths import DEVPI_LOG, DEVPI_RESTART, SYSTEM_CA_BUNDLE
 from agent.host import replica_pki, tls
 from agent.host.devpi_api import DevpiApi, DevpiError
@@ -68,7 +69,7 @@ def primary_upstream(config: Config) -> str:
     host, port = parts.hostname, parts.port or 443
     if parts.scheme != "https" or not host:
         raise ValueError(f"not an https:// URL: {config.devpi.primary_url!r}")
-    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    return f"https://{url_host(host)}:{port}"
 
 
 def primary_proxy_url(config: Config) -> str:
@@ -445,7 +446,7 @@ def _replication_port_answer(config: Config, timeout: float = 15) -> str | None:
             socket.create_connection(("127.0.0.1", port), timeout) as raw,
             context.wrap_socket(raw, server_hostname=server.domain) as sock,
         ):
-            host = f"[{server.domain}]" if ":" in server.domain else server.domain
+            host = url_host(server.domain)
             sock.sendall(
                 f"GET /+api HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
                 "User-Agent: devpi-agent-verify\r\n\r\n".encode()

@@ -24,6 +24,7 @@ from agent.core.config import DEFAULT_CADDY_ADMIN, admin_socket, is_ip_address
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.files import render
+from agent.core.netaddr import url_host
 from agent.core.paths import (
     CADDY_RELOAD,
     CADDY_RESTART,
@@ -143,7 +144,7 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         for u in ctx.config.users
     ]
     memo.save(users, {u.name: u.password for u in ctx.config.users})
-    host = f"[{server.domain}]" if ":" in server.domain else server.domain
+    host = url_host(server.domain)
     return render(
         "Caddyfile.j2",
         admin=server.caddy_admin,
