@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The agent's own config directory: the config, root's password, the replication CA (root-only).
+AGENT_ETC = Path("/etc/devpi-agent")
 # The agent's own state: pending markers, memo, records of upgrades in flight.
 STATE_DIR = Path("/var/lib/devpi-agent")
 PENDING_DIR = STATE_DIR / "pending"

@@ -66,11 +66,14 @@ class LockHolder:
     command: str
 
     def __str__(self) -> str:
+        if self.pid <= 0:
+            return f"{self.lock} is held (an open file description lock: no process named)"
         return f"{self.lock} is held by process {self.pid} ({self.command or 'gone'})"
 
 
 def parse_proc_locks(text: str) -> dict[int, int]:
-    """/proc/locks: inode -> pid of every lock held (POSIX and OFD record locks, flock)."""
+    """/proc/locks: inode -> pid of every lock held (POSIX and OFD record locks, flock); -1
+    for an OFD lock, which names no process."""
     held: dict[int, int] = {}
     for line in text.splitlines():
         fields = line.split()
@@ -82,7 +85,9 @@ def parse_proc_locks(text: str) -> dict[int, int]:
             inode = int(fields[5].rsplit(":", 1)[1])
         except (ValueError, IndexError):
             continue
-        held.setdefault(inode, pid)
+        # An open file description lock names no process (-1), but it is held all the same.
+        if pid > 0 or inode not in held:
+            held[inode] = pid
     return held
 
 
@@ -204,7 +209,9 @@ def _explain_not_found(ctx: Context, output: str) -> None:
         raise StepFailed(hint)
 
 
-def install(ctx: Context, packages: list[str], *, timeout: float = 1800) -> None:
+def install(
+    ctx: Context, packages: list[str], *, timeout: float = 1800, progress: str = "apt-get install"
+) -> None:
     """apt-get install with services held stopped, so nothing starts with a stock config."""
     with services_held(ctx):
         apt_get(
@@ -214,7 +221,7 @@ def install(ctx: Context, packages: list[str], *, timeout: float = 1800) -> None
             "--no-install-recommends",
             *packages,
             timeout=timeout,
-            progress=f"apt-get install {' '.join(packages)}",
+            progress=progress,
         )
 
 

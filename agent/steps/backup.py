@@ -130,7 +130,7 @@ def _cron(ctx: Context) -> None:
         )
     if "cron" not in installed_packages(ctx.runner, ["cron"]) and ctx.change("install cron"):
         # Held stopped: supervisord runs cron here, a second one started by apt would clash.
-        apt.install(ctx, ["cron"], timeout=900)
+        apt.install(ctx, ["cron"], timeout=900, progress="apt-get install cron")
     content = render(
         "devpi-agent-backup.cron.j2", cron_schedule=schedule, log_file=CRON_LOG, **_variables(ctx)
     )

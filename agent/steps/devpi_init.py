@@ -13,7 +13,7 @@ import shutil
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.log import redactor
-from agent.core.paths import DEVPI_CONFIG_FILE, DEVPI_RESTART
+from agent.core.paths import AGENT_ETC, DEVPI_CONFIG_FILE, DEVPI_RESTART
 from agent.host import replication
 from agent.host.devpi_server import root_password
 
@@ -33,6 +33,9 @@ def ensure_root_password(ctx: Context) -> str:
 
 def converge(ctx: Context) -> None:
     devpi = ctx.config.devpi
+    # The agent's own directory, whoever made it (cloud-init, an operator's mkdir): it holds
+    # the config and root's password, so it is root's alone.
+    ctx.mkdir(AGENT_ETC, mode=0o700)
     # A replica's root, like every user, comes from the primary: it has no password of its own.
     password = None if replication.is_replica(ctx.config) else ensure_root_password(ctx)
     crashpoint("devpi-init:password-written")

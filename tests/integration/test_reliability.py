@@ -369,7 +369,11 @@ def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
             ["sh", "-c", f"kill {holder}; while kill -0 {holder} 2>/dev/null; do sleep 0.1; done"]
         )
     assert run.returncode == 1, tail(run)
-    message = f"/var/lib/dpkg/lock-frontend is held by process {holder} (python3)"
+    # The holder's whole command line, as the kernel's lock table and /proc name it.
+    message = (
+        f"/var/lib/dpkg/lock-frontend is held by process {holder} "
+        "(python3 /root/hold-dpkg-lock.py 300)"
+    )
     assert message in run.stderr, run.stderr
     assert f"apt.lock_timeout = {timeout} s" in run.stderr
     apt_seconds = next(s["seconds"] for s in run.report["steps"] if s["name"] == "apt")
