@@ -506,15 +506,23 @@ def _optional_absolute_path(table: _Table, name: str) -> Path | None:
     return checked_path(table.path(name), value)
 
 
-def _check_https_url(key: str, url: str) -> None:
+def _https_url(url: str) -> urllib.parse.SplitResult | None:
+    """The parts of an https:// URL with a host and a valid port; None for anything else.
+
+    It goes into the Caddyfile: only RFC 3986's characters, without the blanks, quotes, $ or
+    braces Caddy would act on."""
     try:
         parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme == "https" and bool(parts.hostname)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
-        valid = False
-    # It goes into the Caddyfile: no blanks, quotes or braces.
-    if not valid or not _URL_CHARS.fullmatch(url):
+        return None
+    if parts.scheme != "https" or not parts.hostname or not _URL_CHARS.fullmatch(url):
+        return None
+    return parts
+
+
+def _check_https_url(key: str, url: str) -> None:
+    if _https_url(url) is None:
         raise ConfigError(key, f"{url!r} is not an https:// URL of an ACME directory")
 
 
@@ -692,15 +700,10 @@ def _replica_addresses(table: _Table) -> tuple[str, ...]:
 
 def _primary_url(key: str, table: _Table) -> str:
     url: str = table.get("primary_url", str)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme == "https" and bool(parts.hostname)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        valid = False
-    # It goes into the Caddyfile: only RFC 3986's characters, without quotes, $, braces or a
-    # fragment. Plain http is refused: relayed uploads carry users' passwords.
-    if not valid or not _URL_CHARS.fullmatch(url) or "#" in url:
+    parts = _https_url(url)
+    # Plain http is refused: relayed uploads carry users' passwords. A fragment has no place in
+    # a server's URL.
+    if parts is None or "#" in url:
         raise ConfigError(key, f"{url!r} is not an https:// URL")
     if parts.username or parts.password:
         raise ConfigError(key, "must not hold credentials: replicas authenticate with the secret")
@@ -790,13 +793,20 @@ def read_password_file(key: str, path: Path) -> str:
     return password
 
 
-def _parse_users(items: list[Any]) -> tuple[User, ...]:
-    users: list[User] = []
+def _array_of_tables(top: _Table, name: str, of: type[Any]) -> Iterator[_Table]:
+    """Each table of the array `name` ([[users]]), for the dataclass `of`, one at a time: each
+    is checked before the next one's type."""
+    items: list[Any] = top.get(name, list)
     for position, item in enumerate(items):
-        key = f"users[{position}]"
+        key = f"{name}[{position}]"
         if not isinstance(item, dict):
             raise ConfigError(key, f"expected a table, got {_describe(item)}")
-        table = _Table(item, key, User)
+        yield _Table(item, key, of)
+
+
+def _parse_users(tables: Iterator[_Table]) -> tuple[User, ...]:
+    users: list[User] = []
+    for table in tables:
         name: str = table.get("name", str)
         if not _DEVPI_NAME.fullmatch(name):
             raise ConfigError(
@@ -813,7 +823,7 @@ def _parse_users(items: list[Any]) -> tuple[User, ...]:
         password_file_value: str | None = table.get("password_file", str)
         table.finish()
         if (password is None) == (password_file_value is None):
-            raise ConfigError(key, "give exactly one of password or password_file")
+            raise ConfigError(table.key, "give exactly one of password or password_file")
         password_file: Path | None = None
         if password_file_value is not None:
             password_file = checked_path(table.path("password_file"), password_file_value)
@@ -838,14 +848,10 @@ def _split_index_name(key: str, value: object) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _parse_indexes(items: list[Any], users: tuple[User, ...]) -> tuple[Index, ...]:
+def _parse_indexes(tables: Iterator[_Table], users: tuple[User, ...]) -> tuple[Index, ...]:
     declared_users = {u.name for u in users}
     indexes: list[Index] = []
-    for position, item in enumerate(items):
-        key = f"indexes[{position}]"
-        if not isinstance(item, dict):
-            raise ConfigError(key, f"expected a table, got {_describe(item)}")
-        table = _Table(item, key, Index)
+    for table in tables:
         user, name = _split_index_name(table.path("name"), table.get("name", str))
         if user == "root":
             raise ConfigError(table.path("name"), "indexes of root are managed by devpi itself")
@@ -906,8 +912,8 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
         apt=_parse_apt(top.table("apt", AptConfig)),
         caddy=_parse_caddy(top.table("caddy", CaddyConfig)),
         backup=_parse_backup(top.table("backup", BackupConfig)),
-        users=(users := _parse_users(top.get("users", list))),
-        indexes=_parse_indexes(top.get("indexes", list), users),
+        users=(users := _parse_users(_array_of_tables(top, "users", User))),
+        indexes=_parse_indexes(_array_of_tables(top, "indexes", Index), users),
         path=path,
     )
     top.finish()
