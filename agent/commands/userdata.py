@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from agent import __version__
-from agent.core.config import ConfigError, parse
+from agent.core.config import ConfigError, ServerConfig, parse
 from agent.core.files import atomic_write, render
 
 if sys.version_info >= (3, 11):
@@ -58,10 +58,11 @@ class UserData:
     agent_url: str
     agent_sha256: str
     users: tuple[Account, ...]
-    tls: str = "acme"
-    acme_email: str | None = None
-    https_port: int = 443
-    http_port: int = 80
+    # The config's own defaults: a user data left at them configures what the agent would.
+    tls: str = ServerConfig.tls
+    acme_email: str | None = ServerConfig.acme_email
+    https_port: int = ServerConfig.https_port
+    http_port: int = ServerConfig.http_port
     placeholders: bool = False
 
 
@@ -179,9 +180,17 @@ def _agent_source(
 @click.command("user-data")
 @click.option("--domain", help="The server's DNS name (or IP address with --tls internal).")
 @click.option("--email", "acme_email", help="E-mail for the ACME account (Let's Encrypt).")
-@click.option("--tls", type=click.Choice(["acme", "internal"]), default="acme", show_default=True)
-@click.option("--https-port", type=int, default=443, show_default=True)
-@click.option("--http-port", type=int, default=80, show_default=True, help="0 turns it off.")
+@click.option(
+    "--tls", type=click.Choice(["acme", "internal"]), default=ServerConfig.tls, show_default=True
+)
+@click.option("--https-port", type=int, default=ServerConfig.https_port, show_default=True)
+@click.option(
+    "--http-port",
+    type=int,
+    default=ServerConfig.http_port,
+    show_default=True,
+    help="0 turns it off.",
+)
 @click.option(
     "--user",
     "user_specs",

@@ -10,10 +10,12 @@ import os.path
 import re
 import sys
 import urllib.parse
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+
+from agent.core.reading import read_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,17 +27,19 @@ from agent.core.netaddr import url_host
 DEFAULT_CONFIG_PATH = Path("/etc/devpi-agent/config.toml")
 BCRYPT_MAX_PASSWORD_BYTES = 72
 
-# devpi versions the agent installs unless the config pins others.
-DEFAULT_DEVPI_SERVER_VERSION = "6.20.3"
-DEFAULT_DEVPI_WEB_VERSION = "5.1.1"
-DEFAULT_DEVPI_CLIENT_VERSION = "7.3.0"
-
 TlsMode = Literal["acme", "internal", "files"]
 CaddySource = Literal["distro", "official"]
 Indexer = Literal["null", "whoosh"]
 UpgradeMode = Literal["auto", "export-import"]
 Role = Literal["standalone", "primary", "replica"]
 KeyDerivation = Literal["rfc9106-low-memory", "devpi"]
+# What each accepts, in the order error messages list them: the Literal types are the only list.
+TLS_MODES: tuple[TlsMode, ...] = get_args(TlsMode)
+CADDY_SOURCES: tuple[CaddySource, ...] = get_args(CaddySource)
+INDEXERS: tuple[Indexer, ...] = get_args(Indexer)
+UPGRADE_MODES: tuple[UpgradeMode, ...] = get_args(UpgradeMode)
+ROLES: tuple[Role, ...] = get_args(Role)
+KEY_DERIVATIONS: tuple[KeyDerivation, ...] = get_args(KeyDerivation)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Argon2Cost:
 # the recipe's 2-core, 2 GB box. The secret is random (devpi-gen-secret, or a file at least
 # devpi's minimum), not a password, so RFC 9106's second recommended option, meant for
 # memory-constrained machines, is the default.
-KEY_DERIVATION_COSTS: dict[str, Argon2Cost | None] = {
+KEY_DERIVATION_COSTS: dict[KeyDerivation, Argon2Cost | None] = {
     "rfc9106-low-memory": Argon2Cost(memory_kib=64 * 1024, time_cost=3, parallelism=4),
     "devpi": None,  # devpi-server's own defaults, no options passed
 }
@@ -129,9 +133,10 @@ class DevpiConfig:
     home: Path = Path("/var/lib/devpi")
     venv: Path = Path("/opt/devpi-agent/venv")
     root_password_file: Path = Path("/etc/devpi-agent/root.pass")
-    server_version: str = DEFAULT_DEVPI_SERVER_VERSION
-    web_version: str = DEFAULT_DEVPI_WEB_VERSION
-    client_version: str = DEFAULT_DEVPI_CLIENT_VERSION
+    # What the agent installs unless the config pins other versions.
+    server_version: str = "6.20.3"
+    web_version: str = "5.1.1"
+    client_version: str = "7.3.0"
     # devpi-web's search. Whoosh stays small because the mirror's ~930k names are never listed.
     indexer: Indexer = "whoosh"
     # False: root/pypi asks PyPI per project and never downloads its list of every project name
@@ -242,25 +247,38 @@ class Config:
 
 
 T = TypeVar("T")
+C = TypeVar("C", bound=str)
 
 
 class _Table:
-    """A TOML table being consumed: every key read is ticked off, leftovers are unknown keys."""
+    """A TOML table being consumed: every key read is ticked off, leftovers are unknown keys.
 
-    def __init__(self, data: Mapping[str, Any], key: str) -> None:
+    A key left out takes the default of the same-named field of the dataclass `of`, the one
+    place each default is written."""
+
+    def __init__(self, data: Mapping[str, Any], key: str, of: type[Any] | None = None) -> None:
         self.data = data
         self.key = key
         self.seen: set[str] = set()
+        self.defaults: dict[str, Any] = {
+            f.name: f.default for f in (fields(of) if of else ()) if f.default is not MISSING
+        }
 
     def path(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
 
-    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = ...) -> Any:
+    def default(self, name: str) -> Any:
+        return self.defaults[name]
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], absent: Any = ...) -> Any:
+        """The value of `name`; left out, `absent` if given, else the field's default."""
         self.seen.add(name)
         if name not in self.data:
-            if default is ...:
+            if absent is ...:
+                absent = self.defaults.get(name, ...)
+            if absent is ...:
                 raise ConfigError(self.path(name), "required setting is missing")
-            return default
+            return absent
         value = self.data[name]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python; TOML keeps them apart, so do we.
@@ -272,9 +290,8 @@ class _Table:
             )
         return value
 
-    def table(self, name: str) -> _Table:
-        value = self.get(name, dict, {})
-        return _Table(value, self.path(name))
+    def table(self, name: str, of: type[Any]) -> _Table:
+        return _Table(self.get(name, dict, {}), self.path(name), of)
 
     def finish(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
@@ -295,25 +312,25 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _port(table: _Table, name: str, default: int, *, allow_zero: bool = False) -> int:
-    value: int = table.get(name, int, default)
+def _port(table: _Table, name: str, *, allow_zero: bool = False) -> int:
+    value: int = table.get(name, int)
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
         raise ConfigError(table.path(name), f"port {value} is outside {low}-65535")
     return value
 
 
-def _choice(table: _Table, name: str, choices: tuple[str, ...], default: str) -> str:
-    value: str = table.get(name, str, default)
-    if value not in choices:
-        wanted = ", ".join(f'"{c}"' for c in choices)
-        raise ConfigError(table.path(name), f"{value!r} is not one of {wanted}")
-    return value
+def _choice(table: _Table, name: str, choices: tuple[C, ...]) -> C:
+    value: str = table.get(name, str)
+    for choice in choices:
+        if value == choice:
+            return choice
+    wanted = ", ".join(f'"{c}"' for c in choices)
+    raise ConfigError(table.path(name), f"{value!r} is not one of {wanted}")
 
 
-def _absolute_path(table: _Table, name: str, default: Path) -> Path:
-    value = table.get(name, str, str(default))
-    return checked_path(table.path(name), value)
+def _absolute_path(table: _Table, name: str) -> Path:
+    return checked_path(table.path(name), str(table.get(name, str)))
 
 
 def checked_path(key: str, value: str) -> Path:
@@ -329,16 +346,18 @@ def checked_path(key: str, value: str) -> Path:
     return Path(value)
 
 
-def _own_directory(table: _Table, name: str, default: Path) -> Path:
-    path = _absolute_path(table, name, default)
+def _own_directory(table: _Table, name: str) -> Path:
+    path = _absolute_path(table, name)
     check_own_directory(table.path(name), path)
     return path
 
 
-def _version(table: _Table, name: str, default: str) -> str:
-    value: str = table.get(name, str, default)
+def _version(table: _Table, name: str) -> str:
+    value: str = table.get(name, str)
     if not _VERSION.fullmatch(value):
-        raise ConfigError(table.path(name), f"{value!r} is not a release version like {default}")
+        raise ConfigError(
+            table.path(name), f"{value!r} is not a release version like {table.default(name)}"
+        )
     return value
 
 
@@ -365,12 +384,12 @@ def _check_domain(key: str, domain: str) -> None:
 def _parse_server(table: _Table) -> ServerConfig:
     domain: str = table.get("domain", str)
     _check_domain(table.path("domain"), domain)
-    https_port = _port(table, "https_port", 443)
-    http_port = _port(table, "http_port", 80, allow_zero=True)
+    https_port = _port(table, "https_port")
+    http_port = _port(table, "http_port", allow_zero=True)
     if http_port == https_port:
         raise ConfigError(table.path("http_port"), "must differ from server.https_port")
-    tls = _choice(table, "tls", ("acme", "internal", "files"), "acme")
-    email: str | None = table.get("acme_email", str, None)
+    tls = _choice(table, "tls", TLS_MODES)
+    email: str | None = table.get("acme_email", str)
     if email is not None and not _EMAIL.fullmatch(email):
         raise ConfigError(table.path("acme_email"), f"{email!r} is not an e-mail address")
     if tls == "acme" and is_ip_address(domain):
@@ -385,7 +404,7 @@ def _parse_server(table: _Table) -> ServerConfig:
         domain=domain,
         https_port=https_port,
         http_port=http_port,
-        tls=tls,  # type: ignore[arg-type]
+        tls=tls,
         acme_email=email,
         caddy_admin=admin,
         **tls_settings,
@@ -410,7 +429,8 @@ def check_own_directory(key: str, path: Path) -> None:
 
 def _caddy_admin(table: _Table) -> str:
     key = table.path("caddy_admin")
-    value: str = table.get("caddy_admin", str, DEFAULT_CADDY_ADMIN)
+    value: str = table.get("caddy_admin", str)
+    default = table.default("caddy_admin")
     socket = admin_socket(value)
     if socket is not None:
         raw = str(value)[len("unix/") :]
@@ -429,7 +449,7 @@ def _caddy_admin(table: _Table) -> str:
         raise ConfigError(
             key,
             f"{value!r}: the agent reloads Caddy through its admin API, which cannot be off; "
-            f"the default, {DEFAULT_CADDY_ADMIN}, is open to root and caddy only",
+            f"the default, {default}, is open to root and caddy only",
         )
     match = _HOST_PORT.fullmatch(value)
     if not match or not 1 <= int(match["port"]) <= 65535:
@@ -439,7 +459,7 @@ def _caddy_admin(table: _Table) -> str:
         raise ConfigError(
             key,
             f"{value!r} is not on loopback: Caddy's admin API has no authentication, anyone "
-            f"reaching it replaces the config; use {DEFAULT_CADDY_ADMIN} (the default) "
+            f"reaching it replaces the config; use {default} (the default) "
             "or 127.0.0.1:PORT",
         )
     return value
@@ -457,7 +477,7 @@ def _parse_tls_settings(table: _Table, tls: str) -> dict[str, Any]:
     for name, mode in mode_of.items():
         if name in table.data and tls != mode:
             raise ConfigError(table.path(name), f'only used with tls = "{mode}", not "{tls}"')
-    acme_ca: str | None = table.get("acme_ca", str, None)
+    acme_ca: str | None = table.get("acme_ca", str)
     if acme_ca is not None:
         _check_https_url(table.path("acme_ca"), acme_ca)
     acme_ca_root = _optional_absolute_path(table, "acme_ca_root")
@@ -466,7 +486,7 @@ def _parse_tls_settings(table: _Table, tls: str) -> dict[str, Any]:
             table.path("acme_ca_root"),
             "needs server.acme_ca (the default CA's root is already trusted)",
         )
-    acme_preflight: bool = table.get("acme_preflight", bool, True)
+    acme_preflight: bool = table.get("acme_preflight", bool)
     cert_file = _optional_absolute_path(table, "cert_file")
     key_file = _optional_absolute_path(table, "key_file")
     if tls == "files":
@@ -483,46 +503,51 @@ def _parse_tls_settings(table: _Table, tls: str) -> dict[str, Any]:
 
 
 def _optional_absolute_path(table: _Table, name: str) -> Path | None:
-    value: str | None = table.get(name, str, None)
+    value: str | None = table.get(name, str)
     if value is None:
         return None
     return checked_path(table.path(name), value)
 
 
-def _check_https_url(key: str, url: str) -> None:
+def _https_url(url: str) -> urllib.parse.SplitResult | None:
+    """The parts of an https:// URL with a host and a valid port; None for anything else.
+
+    It goes into the Caddyfile: only RFC 3986's characters, without the blanks, quotes, $ or
+    braces Caddy would act on."""
     try:
         parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme == "https" and bool(parts.hostname)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
-        valid = False
-    # It goes into the Caddyfile: no blanks, quotes or braces.
-    if not valid or not _URL_CHARS.fullmatch(url):
+        return None
+    if parts.scheme != "https" or not parts.hostname or not _URL_CHARS.fullmatch(url):
+        return None
+    return parts
+
+
+def _check_https_url(key: str, url: str) -> None:
+    if _https_url(url) is None:
         raise ConfigError(key, f"{url!r} is not an https:// URL of an ACME directory")
 
 
 def _parse_devpi(table: _Table) -> DevpiConfig:
-    defaults = DevpiConfig()
-    port = _port(table, "port", defaults.port)
-    user: str = table.get("user", str, defaults.user)
+    port = _port(table, "port")
+    user: str = table.get("user", str)
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user) or user == "root":
         raise ConfigError(table.path("user"), f"{user!r} is not a valid unprivileged user name")
     devpi = DevpiConfig(
         port=port,
         user=user,
-        home=_own_directory(table, "home", defaults.home),
-        venv=_own_directory(table, "venv", defaults.venv),
-        root_password_file=_absolute_path(table, "root_password_file", defaults.root_password_file),
-        server_version=_version(table, "server_version", defaults.server_version),
-        web_version=_version(table, "web_version", defaults.web_version),
-        client_version=_version(table, "client_version", defaults.client_version),
-        indexer=_choice(table, "indexer", ("null", "whoosh"), defaults.indexer),  # type: ignore[arg-type]
-        mirror_project_list=table.get("mirror_project_list", bool, defaults.mirror_project_list),
-        key_derivation=_choice(
-            table, "key_derivation", tuple(KEY_DERIVATION_COSTS), defaults.key_derivation
-        ),  # type: ignore[arg-type]
-        prune=table.get("prune", bool, defaults.prune),
-        upgrade=_choice(table, "upgrade", ("auto", "export-import"), defaults.upgrade),  # type: ignore[arg-type]
+        home=_own_directory(table, "home"),
+        venv=_own_directory(table, "venv"),
+        root_password_file=_absolute_path(table, "root_password_file"),
+        server_version=_version(table, "server_version"),
+        web_version=_version(table, "web_version"),
+        client_version=_version(table, "client_version"),
+        indexer=_choice(table, "indexer", INDEXERS),
+        mirror_project_list=table.get("mirror_project_list", bool),
+        key_derivation=_choice(table, "key_derivation", KEY_DERIVATIONS),
+        prune=table.get("prune", bool),
+        upgrade=_choice(table, "upgrade", UPGRADE_MODES),
         **_parse_replication(table),
     )
     table.finish()
@@ -550,7 +575,7 @@ MIN_SECRET_DISTINCT_BYTES = 6
 
 
 def _parse_replication(table: _Table) -> dict[str, Any]:
-    role = _choice(table, "role", ("standalone", "primary", "replica"), "standalone")
+    role = _choice(table, "role", ROLES)
     for name, roles in _REPLICATION_KEYS.items():
         if name in table.data and role not in roles:
             wanted = " or ".join(f'"{r}"' for r in roles)
@@ -564,7 +589,7 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
                 table.path("replication_port"),
                 'required with role = "primary": the port the replicas connect to',
             )
-        settings["replication_port"] = _port(table, "replication_port", 0)
+        settings["replication_port"] = _port(table, "replication_port")
         settings["replica_addresses"] = _replica_addresses(table)
         settings["replicas"] = _replica_names(table)
     if role == "replica":
@@ -586,9 +611,7 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
             )
         settings["replica_cert_file"] = cert_file
         settings["replica_cert"] = _read_bytes(cert_key, cert_file, "certificate file")
-        settings["primary_proxy_port"] = _port(
-            table, "primary_proxy_port", DevpiConfig.primary_proxy_port
-        )
+        settings["primary_proxy_port"] = _port(table, "primary_proxy_port")
     secret_file = _optional_absolute_path(table, "secret_file")
     if role == "replica" and secret_file is None:
         raise ConfigError(
@@ -602,7 +625,7 @@ def _parse_replication(table: _Table) -> dict[str, Any]:
 
 
 def _check_replication_version(table: _Table) -> None:
-    version = str(table.data.get("server_version", DEFAULT_DEVPI_SERVER_VERSION))
+    version = str(table.data.get("server_version", table.default("server_version")))
     numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
     if numbers < MIN_REPLICATION_SERVER_VERSION:
         oldest = ".".join(map(str, MIN_REPLICATION_SERVER_VERSION))
@@ -614,22 +637,33 @@ def _check_replication_version(table: _Table) -> None:
         )
 
 
-def _replica_names(table: _Table) -> tuple[str, ...]:
-    key = table.path("replicas")
-    if "replicas" not in table.data:
-        raise ConfigError(
-            key,
-            'required with role = "primary": a name for each replica, e.g. ["eu-1"]; each '
-            "gets a client certificate in /etc/devpi-agent/replicas/<name>.pem",
-        )
-    items: list[Any] = table.get("replicas", list)
+def _primary_strings(
+    table: _Table, name: str, missing: str, empty: str
+) -> Iterator[tuple[str, str]]:
+    """Each string of a non-empty list a primary must give, with its key for errors; one at a
+    time, so the caller's check of an item comes before the next item's type check."""
+    key = table.path(name)
+    if name not in table.data:
+        raise ConfigError(key, f'required with role = "primary": {missing}')
+    items: list[Any] = table.get(name, list)
     if not items:
-        raise ConfigError(key, "name at least one replica")
-    names: list[str] = []
+        raise ConfigError(key, empty)
     for n, item in enumerate(items):
         item_key = f"{key}[{n}]"
         if not isinstance(item, str):
             raise ConfigError(item_key, f"expected a string, got {_describe(item)}")
+        yield item_key, item
+
+
+def _replica_names(table: _Table) -> tuple[str, ...]:
+    names: list[str] = []
+    for item_key, item in _primary_strings(
+        table,
+        "replicas",
+        'a name for each replica, e.g. ["eu-1"]; each gets a client certificate in '
+        "/etc/devpi-agent/replicas/<name>.pem",
+        "name at least one replica",
+    ):
         if not _REPLICA_NAME.fullmatch(item):
             raise ConfigError(
                 item_key, f"{item!r} is not a name of lowercase letters, digits and dashes"
@@ -641,17 +675,13 @@ def _replica_names(table: _Table) -> tuple[str, ...]:
 
 
 def _replica_addresses(table: _Table) -> tuple[str, ...]:
-    key = table.path("replica_addresses")
-    if "replica_addresses" not in table.data:
-        raise ConfigError(key, 'required with role = "primary": the addresses of the replicas')
-    items: list[Any] = table.get("replica_addresses", list)
-    if not items:
-        raise ConfigError(key, "list at least one replica's IP address (or network)")
     addresses: list[str] = []
-    for n, item in enumerate(items):
-        item_key = f"{key}[{n}]"
-        if not isinstance(item, str):
-            raise ConfigError(item_key, f"expected a string, got {_describe(item)}")
+    for item_key, item in _primary_strings(
+        table,
+        "replica_addresses",
+        "the addresses of the replicas",
+        "list at least one replica's IP address (or network)",
+    ):
         try:
             # Digits, dots, colons and a prefix length only: no zone ID (::%x 0.0.0.0/0).
             if not re.fullmatch(r"[0-9A-Fa-f:./]+", item):
@@ -673,15 +703,10 @@ def _replica_addresses(table: _Table) -> tuple[str, ...]:
 
 def _primary_url(key: str, table: _Table) -> str:
     url: str = table.get("primary_url", str)
-    try:
-        parts = urllib.parse.urlsplit(url)
-        valid = parts.scheme == "https" and bool(parts.hostname)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        valid = False
-    # It goes into the Caddyfile: only RFC 3986's characters, without quotes, $, braces or a
-    # fragment. Plain http is refused: relayed uploads carry users' passwords.
-    if not valid or not _URL_CHARS.fullmatch(url) or "#" in url:
+    parts = _https_url(url)
+    # Plain http is refused: relayed uploads carry users' passwords. A fragment has no place in
+    # a server's URL.
+    if parts is None or "#" in url:
         raise ConfigError(key, f"{url!r} is not an https:// URL")
     if parts.username or parts.password:
         raise ConfigError(key, "must not hold credentials: replicas authenticate with the secret")
@@ -694,18 +719,9 @@ def _primary_url(key: str, table: _Table) -> str:
     return url.rstrip("/")
 
 
-def _read_bytes(key: str, path: Path, what: str) -> bytes:
-    """A file the config names, or a ConfigError saying why it cannot be read."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(key, f"{what} {path} does not exist") from None
-    except PermissionError:
-        raise ConfigError(key, f"{what} {path} is not readable") from None
-    except IsADirectoryError:
-        raise ConfigError(key, f"{what} {path} is a directory") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError(key, f"{what} {path} cannot be read: {error}") from None
+def _read_bytes(key: str, path: Path, what: str, *, denied: str = "") -> bytes:
+    """A file the config names, or a ConfigError naming `key` and saying why it cannot be read."""
+    return read_file(what, path, lambda reason: ConfigError(key, reason), denied=denied).data
 
 
 def read_secret_file(key: str, path: Path) -> bytes:
@@ -722,8 +738,8 @@ def read_secret_file(key: str, path: Path) -> bytes:
 
 
 def _parse_apt(table: _Table) -> AptConfig:
-    upgrade: bool = table.get("upgrade", bool, False)
-    lock_timeout: int = table.get("lock_timeout", int, 600)
+    upgrade: bool = table.get("upgrade", bool)
+    lock_timeout: int = table.get("lock_timeout", int)
     if lock_timeout < 0:
         raise ConfigError(table.path("lock_timeout"), "must be 0 or more seconds")
     table.finish()
@@ -731,22 +747,21 @@ def _parse_apt(table: _Table) -> AptConfig:
 
 
 def _parse_caddy(table: _Table) -> CaddyConfig:
-    source = _choice(table, "source", ("distro", "official"), "distro")
+    source = _choice(table, "source", CADDY_SOURCES)
     table.finish()
-    return CaddyConfig(source=source)  # type: ignore[arg-type]
+    return CaddyConfig(source=source)
 
 
 _SCHEDULE = re.compile(r"^[A-Za-z0-9*:/,.~ -]{1,100}$")
 
 
 def _parse_backup(table: _Table) -> BackupConfig:
-    defaults = BackupConfig()
-    enabled: bool = table.get("enabled", bool, defaults.enabled)
-    directory = _own_directory(table, "dir", defaults.dir)
-    schedule: str = table.get("schedule", str, defaults.schedule)
+    enabled: bool = table.get("enabled", bool)
+    directory = _own_directory(table, "dir")
+    schedule: str = table.get("schedule", str)
     if not _SCHEDULE.fullmatch(schedule.strip()):
         raise ConfigError(table.path("schedule"), f"{schedule!r} is not a calendar expression")
-    keep: int = table.get("keep", int, defaults.keep)
+    keep: int = table.get("keep", int)
     if keep < 1:
         raise ConfigError(table.path("keep"), "must keep at least 1 backup")
     table.finish()
@@ -781,13 +796,20 @@ def read_password_file(key: str, path: Path) -> str:
     return password
 
 
-def _parse_users(items: list[Any]) -> tuple[User, ...]:
-    users: list[User] = []
+def _array_of_tables(top: _Table, name: str, of: type[Any]) -> Iterator[_Table]:
+    """Each table of the array `name` ([[users]]), for the dataclass `of`, one at a time: each
+    is checked before the next one's type."""
+    items: list[Any] = top.get(name, list)
     for position, item in enumerate(items):
-        key = f"users[{position}]"
+        key = f"{name}[{position}]"
         if not isinstance(item, dict):
             raise ConfigError(key, f"expected a table, got {_describe(item)}")
-        table = _Table(item, key)
+        yield _Table(item, key, of)
+
+
+def _parse_users(tables: Iterator[_Table]) -> tuple[User, ...]:
+    users: list[User] = []
+    for table in tables:
         name: str = table.get("name", str)
         if not _DEVPI_NAME.fullmatch(name):
             raise ConfigError(
@@ -799,11 +821,12 @@ def _parse_users(items: list[Any]) -> tuple[User, ...]:
             )
         if any(u.name == name for u in users):
             raise ConfigError(table.path("name"), f"user {name!r} is declared twice")
+        # Optional here, though a User always has one: password_file gives it otherwise.
         password: str | None = table.get("password", str, None)
-        password_file_value: str | None = table.get("password_file", str, None)
+        password_file_value: str | None = table.get("password_file", str)
         table.finish()
         if (password is None) == (password_file_value is None):
-            raise ConfigError(key, "give exactly one of password or password_file")
+            raise ConfigError(table.key, "give exactly one of password or password_file")
         password_file: Path | None = None
         if password_file_value is not None:
             password_file = checked_path(table.path("password_file"), password_file_value)
@@ -812,6 +835,10 @@ def _parse_users(items: list[Any]) -> tuple[User, ...]:
             assert password is not None
             _check_password(table.path("password"), password)
         users.append(User(name=name, password=password, password_file=password_file))
+    if not users:
+        raise ConfigError(
+            "users", "declare at least one [[users]]: the index is password-protected"
+        )
     return tuple(users)
 
 
@@ -824,14 +851,10 @@ def _split_index_name(key: str, value: object) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _parse_indexes(items: list[Any], users: tuple[User, ...]) -> tuple[Index, ...]:
+def _parse_indexes(tables: Iterator[_Table], users: tuple[User, ...]) -> tuple[Index, ...]:
     declared_users = {u.name for u in users}
     indexes: list[Index] = []
-    for position, item in enumerate(items):
-        key = f"indexes[{position}]"
-        if not isinstance(item, dict):
-            raise ConfigError(key, f"expected a table, got {_describe(item)}")
-        table = _Table(item, key)
+    for table in tables:
         user, name = _split_index_name(table.path("name"), table.get("name", str))
         if user == "root":
             raise ConfigError(table.path("name"), "indexes of root are managed by devpi itself")
@@ -839,7 +862,7 @@ def _parse_indexes(items: list[Any], users: tuple[User, ...]) -> tuple[Index, ..
             raise ConfigError(table.path("name"), f"user {user!r} is not declared in [[users]]")
         if any(i.user == user and i.index == name for i in indexes):
             raise ConfigError(table.path("name"), f"index {user}/{name} is declared twice")
-        bases_value: list[Any] = table.get("bases", list, [])
+        bases_value: list[Any] = table.get("bases", list)
         bases: list[str] = []
         for n, base in enumerate(bases_value):
             base_key = f"{table.path('bases')}[{n}]"
@@ -882,21 +905,27 @@ def _check_bases(indexes: list[Index]) -> None:
 
 def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
     """Turn a TOML document into a validated Config, or raise ConfigError."""
-    top = _Table(data, "")
+    top = _Table(data, "", Config)
     if "server" not in data:
         raise ConfigError("server", "the [server] table is required (it holds the domain)")
-    server = _parse_server(top.table("server"))
-    devpi = _parse_devpi(top.table("devpi"))
-    apt = _parse_apt(top.table("apt"))
-    caddy = _parse_caddy(top.table("caddy"))
-    backup = _parse_backup(top.table("backup"))
-    users = _parse_users(_array_of_tables(top, "users"))
-    if not users:
-        raise ConfigError(
-            "users", "declare at least one [[users]]: the index is password-protected"
-        )
-    indexes = _parse_indexes(_array_of_tables(top, "indexes"), users)
+    # In this order, so the first problem in the file is the one reported.
+    config = Config(
+        server=_parse_server(top.table("server", ServerConfig)),
+        devpi=_parse_devpi(top.table("devpi", DevpiConfig)),
+        apt=_parse_apt(top.table("apt", AptConfig)),
+        caddy=_parse_caddy(top.table("caddy", CaddyConfig)),
+        backup=_parse_backup(top.table("backup", BackupConfig)),
+        users=(users := _parse_users(_array_of_tables(top, "users", User))),
+        indexes=_parse_indexes(_array_of_tables(top, "indexes", Index), users),
+        path=path,
+    )
     top.finish()
+    _check_ports(config.server, config.devpi)
+    return config
+
+
+def _check_ports(server: ServerConfig, devpi: DevpiConfig) -> None:
+    """No port is two of the agent's: Caddy's sites, devpi-server's and a replica's proxy."""
     for name, port in (("https_port", server.https_port), ("http_port", server.http_port)):
         if port == devpi.port:
             raise ConfigError("devpi.port", f"port {port} is already server.{name}")
@@ -913,37 +942,13 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
         for name, port in taken.items():
             if port == devpi.primary_proxy_port:
                 raise ConfigError("devpi.primary_proxy_port", f"port {port} is already {name}")
-    return Config(
-        server=server,
-        devpi=devpi,
-        apt=apt,
-        caddy=caddy,
-        backup=backup,
-        users=users,
-        indexes=indexes,
-        path=path,
-    )
-
-
-def _array_of_tables(top: _Table, name: str) -> list[Any]:
-    value: list[Any] = top.get(name, list, [])
-    return value
 
 
 def load(path: Path) -> Config:
     """Read and validate the config file at `path`."""
     # The backup unit and cron line run `devpi-agent backup --config <path>`.
     checked_path("--config", str(path.absolute()))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError("", f"config file {path} does not exist") from None
-    except PermissionError:
-        raise ConfigError("", f"config file {path} is not readable (run as root?)") from None
-    except IsADirectoryError:
-        raise ConfigError("", f"config file {path} is a directory") from None
-    except (OSError, ValueError) as error:
-        raise ConfigError("", f"config file {path} cannot be read: {error}") from None
+    raw = _read_bytes("", path, "config file", denied=" (run as root?)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import ssl
-import stat
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from agent.core import direct_http
+from agent.core.reading import read_file
 from agent.host.x509 import Address, Certificate, CertificateError, load_pem, parse_der
 
 # Where the agent installs what Caddy must read for TLS: copies owned root:caddy, so the
@@ -332,15 +332,7 @@ class CertificatePair:
 
 def _read_file(setting: str, path: Path) -> tuple[bytes, int]:
     """The bytes of `path` and its mode, from one open: what is checked is what gets copied."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(), stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-    except FileNotFoundError:
-        raise TlsProblem(f"{setting} {path} does not exist") from None
-    except PermissionError:
-        raise TlsProblem(f"{setting} {path} is not readable") from None
-    except OSError as error:
-        raise TlsProblem(f"{setting} {path} cannot be read: {error.strerror or error}") from None
+    return read_file(setting, path, TlsProblem)
 
 
 def read_certificates(setting: str, path: Path) -> list[Certificate]:

@@ -115,6 +115,31 @@ def test_defaults() -> None:
     assert config.indexes == ()
 
 
+def test_a_table_left_out_is_its_dataclass_defaults() -> None:
+    """The parser takes every default from the dataclass field, so the two cannot drift."""
+    config = parse(
+        {"server": {"domain": "d.example.com"}, "users": [{"name": "u", "password": "password-1"}]}
+    )
+    assert config.server == cfg.ServerConfig(domain="d.example.com")
+    assert (config.devpi, config.apt, config.caddy, config.backup) == (
+        cfg.DevpiConfig(),
+        cfg.AptConfig(),
+        cfg.CaddyConfig(),
+        cfg.BackupConfig(),
+    )
+
+
+def test_a_choice_lists_its_literal_values() -> None:
+    error = parse_error(mutated(lambda d: d["server"].update(tls="self-signed")))
+    assert error.key == "server.tls"
+    assert error.message == '\'self-signed\' is not one of "acme", "internal", "files"'
+    assert cfg.TLS_MODES == ("acme", "internal", "files")
+
+
+def test_every_key_derivation_has_a_cost() -> None:
+    assert tuple(cfg.KEY_DERIVATION_COSTS) == cfg.KEY_DERIVATIONS
+
+
 def test_every_setting_can_be_given() -> None:
     data = reference_data()
     data["server"].update(http_port=8080, caddy_admin="127.0.0.1:2020")
@@ -477,14 +502,14 @@ def test_unreadable_password_file_simulated(
 ) -> None:
     """As root, mode 000 does not stop a read: simulate the EACCES instead."""
     path = write_password(tmp_path, b"secret\n")
-    real_read_bytes = Path.read_bytes
+    real_open = Path.open
 
-    def read_bytes(self: Path) -> bytes:
+    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
         if self == path:
             raise PermissionError(13, "Permission denied", str(self))
-        return real_read_bytes(self)
+        return real_open(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "open", open_)
     error = parse_error(with_password_file(path))
     assert error.key == "users[0].password_file"
     assert "not readable" in error.message
