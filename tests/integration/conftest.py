@@ -5,6 +5,8 @@ mmdebstrap/systemd-nspawn) they fail with a message saying what is missing.
 
 A test module that sets ``SUITES = ("bookworm", "trixie")`` runs once per Debian release: its
 ``rootfs`` (and every fixture built on it) is made per suite, and test ids end in ``[trixie]``.
+``@pytest.mark.suites("bookworm", "trixie")`` does the same for one test (its module-scoped
+fixtures are then made once more, for the other suite).
 Other modules run on ``DEVPI_AGENT_TEST_SUITE`` (default bookworm).
 """
 
@@ -30,9 +32,24 @@ _HERE = Path(__file__).resolve().parent
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 
+def _module_marks_suites(module: object) -> bool:
+    return any(
+        mark.name == "suites"
+        for item in vars(module).values()
+        for mark in getattr(item, "pytestmark", [])
+    )
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    suites = getattr(metafunc.module, "SUITES", None)
-    if suites and "suite" in metafunc.fixturenames:
+    if "suite" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("suites")
+    suites = marker.args if marker else getattr(metafunc.module, "SUITES", None)
+    if not suites and _module_marks_suites(metafunc.module):
+        # The other tests of a module where one test runs on several suites: the same
+        # parameter as that test's default-suite run, so they share its module fixtures.
+        suites = (default_suite(),)
+    if suites:
         unknown = set(suites) - set(SUITES)
         assert not unknown, f"{metafunc.module.__name__}: unknown suites {unknown}"
         metafunc.parametrize("suite", list(suites), indirect=True, scope="module")
