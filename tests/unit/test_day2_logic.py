@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from configparser import RawConfigParser
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ from agent.commands import client_config, passwd, verify
 from agent.core.config import Config, ConfigError, parse
 from agent.core.context import StepFailed
 from agent.core.runner import Result
-from agent.host import devpi_data
+from agent.host import devpi_data, devpi_swap
 from agent.host.devpi_api import RemoteIndex, RemoteUser
 from agent.host.tls import CertInfo
 from agent.steps import backup as backup_step
@@ -680,17 +681,28 @@ def fake_serverdir(root: Path, name: str = "server", marker: str = "old data") -
     return path
 
 
+def fake_devpi(
+    monkeypatch: pytest.MonkeyPatch,
+    caller: Any,
+    events: list[str],
+    served: Callable[[], set[devpi_data.StoredFile]],
+) -> None:
+    """devpi's stop and start as events, and what it serves, wherever the switch calls them."""
+    for module in (caller, devpi_swap):
+        monkeypatch.setattr(module, "stop_devpi", lambda ctx: events.append("stop"))
+    monkeypatch.setattr(devpi_swap, "start_devpi", lambda ctx: events.append("start"))
+    monkeypatch.setattr(devpi_swap, "served_inventory", lambda api: served())
+
+
 @pytest.fixture
 def upgrade_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """6.19.3 installed with data; devpi's start/stop and its HTTP API faked."""
     fake_venv(tmp_path, "6.19.3")
     fake_serverdir(tmp_path)
     events: list[str] = []
-    monkeypatch.setattr(upgrade, "stop_devpi", lambda ctx: events.append("stop"))
-    monkeypatch.setattr(upgrade, "start_devpi", lambda ctx: events.append("start"))
-    monkeypatch.setattr(upgrade, "warm_mirror", lambda ctx: events.append("warm"))
     served = {"files": {devpi_data.StoredFile("devops/pypi", "p-1.whl", "aa")}}
-    monkeypatch.setattr(upgrade, "served_inventory", lambda api: served["files"])
+    fake_devpi(monkeypatch, upgrade, events, lambda: served["files"])
+    monkeypatch.setattr(upgrade, "warm_mirror", lambda ctx: events.append("warm"))
 
     def build_venv(ctx: Any) -> None:
         events.append("venv")
@@ -816,9 +828,7 @@ def restore_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
     m = backup_command
     monkeypatch.setattr(m, "devpi_api_answers", lambda port: True)
     monkeypatch.setattr(m, "existing_uploads", lambda api: state["uploads"])
-    monkeypatch.setattr(m, "stop_devpi", lambda ctx: state["events"].append("stop"))
-    monkeypatch.setattr(m, "start_devpi", lambda ctx: state["events"].append("start"))
-    monkeypatch.setattr(m, "served_inventory", lambda api: state["served"])
+    fake_devpi(monkeypatch, m, state["events"], lambda: state["served"])
     monkeypatch.setattr(m, "warm_mirror", lambda ctx: None)
     monkeypatch.setattr(m.devpi_users, "converge", lambda ctx: state["events"].append("users"))
 
