@@ -22,7 +22,7 @@ from agent.commands import backup as backup_command
 from agent.commands import client_config, passwd, verify
 from agent.core.config import Config, ConfigError, parse
 from agent.core.context import StepFailed
-from agent.core.runner import Result
+from agent.core.runner import CommandFailed, Result
 from agent.host import devpi_data, devpi_swap
 from agent.host.devpi_api import RemoteIndex, RemoteUser
 from agent.host.tls import CertInfo
@@ -792,6 +792,24 @@ def test_an_upgrade_cut_short_is_undone_first(upgrade_host: dict[str, Any]) -> N
     assert not old_venv.exists() and not state.exists()
 
 
+@pytest.mark.parametrize("cut_after", ["live-moved", "switched"])
+def test_a_switch_cut_short_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_after: str
+) -> None:
+    """The roll-back upgrade and restore share, from each state between the two renames."""
+    events: list[str] = []
+    fake_devpi(monkeypatch, upgrade, events, set)
+    swap = devpi_swap.Swap.beside(SERVERDIR, staging="new", previous="old", failed="failed")
+    fake_serverdir(tmp_path, "server.old")
+    fake_serverdir(tmp_path, "server.new" if cut_after == "live-moved" else "server", "new")
+    devpi_swap.roll_back(make_ctx(tmp_path, config(), FakeRunner()), swap)
+    devpi = tmp_path / "var/lib/devpi"
+    assert (devpi / "server/marker").read_text() == "old data"
+    kept = ["server", "server.failed"] if cut_after == "switched" else ["server"]
+    assert sorted(p.name for p in devpi.iterdir()) == kept
+    assert events == ["stop", "start"]
+
+
 def test_no_upgrade_without_data_or_downwards(upgrade_host: dict[str, Any]) -> None:
     root: Path = upgrade_host["root"]
     ctx = make_ctx(
@@ -880,6 +898,16 @@ def test_restore_puts_the_old_data_back_when_files_are_missing(
     assert (root / "var/lib/devpi/server/marker").read_text() == "old data"
     assert list((root / "var/lib/devpi").glob("server.failed-restore-*"))
     assert restore_host["events"] == ["stop", "start", "stop", "start"]
+
+
+def test_a_failed_restore_import_leaves_devpi_serving(restore_host: dict[str, Any]) -> None:
+    root: Path = restore_host["root"]
+    runner = FakeRunner().on(program("devpi-import"), rc=1, stderr="boom").on(["test", "-r"])
+    ctx = make_ctx(root, config(), runner)
+    with pytest.raises(CommandFailed, match="boom"):
+        backup_command.restore(ctx, restore_host["export"], force=False)
+    assert restore_host["events"] == []  # never stopped: the import ran beside the live data
+    assert sorted(p.name for p in (root / "var/lib/devpi").iterdir()) == ["server"]
 
 
 def test_restore_refuses_what_is_not_an_export(tmp_path: Path) -> None:
