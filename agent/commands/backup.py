@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,23 +42,20 @@ from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
     BACKUP_NAME,
     DATAINDEX,
+    StoredFile,
     check_export_entries,
-    describe_missing,
     export_inventory,
     export_to,
-    import_into,
-    missing_files,
     move,
     readable_by,
     remove_tree,
-    served_inventory,
     set_root_password,
     stage_indexes,
-    start_devpi,
     stop_devpi,
     timestamp,
 )
 from agent.host.devpi_server import root_password
+from agent.host.devpi_swap import Swap, import_beside, roll_back, switch_and_check
 from agent.host.supervisor import devpi_api_answers, warm_mirror
 from agent.steps import devpi_users
 
@@ -145,6 +144,37 @@ def existing_uploads(api: DevpiApi) -> list[str]:
 
 def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
     started = time.monotonic()
+    expected, password = check_restorable(ctx, source, force=force)
+    stamp = timestamp()
+    swap = Swap.beside(
+        ctx.config.devpi.serverdir,
+        staging=f"restore-{stamp}",
+        previous=f"before-restore-{stamp}",
+        failed=f"failed-restore-{stamp}",
+    )
+    # devpi keeps serving the current data during the import, which may take long.
+    with readable_export(ctx, source, stamp) as readable:
+        import_beside(ctx, swap, readable)
+    stop_devpi(ctx)
+    try:
+        set_root_password(ctx, swap.staging, password)
+        kept = switch_and_check(ctx, swap, expected, serving="the restored server")
+    except BaseException as error:
+        ctx.log.error(
+            "restore failed, putting the previous server directory back", error=str(error)
+        )
+        roll_back(ctx, swap)
+        raise
+    # The export's users keep their old passwords: the configured ones are set again.
+    devpi_users.converge(ctx)
+    warm_mirror(ctx)
+    previous = swap.previous if kept else None
+    return RestoreResult(source, len(expected), previous, time.monotonic() - started)
+
+
+def check_restorable(ctx: Context, source: Path, *, force: bool) -> tuple[set[StoredFile], str]:
+    """The export's release files and this host's root password, or StepFailed saying why the
+    export cannot be restored here; nothing is changed."""
     devpi = ctx.config.devpi
     if devpi.role == "replica":
         raise StepFailed(
@@ -158,78 +188,68 @@ def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
         if not ctx.files.exists(needed):
             raise StepFailed(f"{needed} is missing: run `devpi-agent apply` on this host first")
     expected = export_inventory(source)
-    api = DevpiApi(devpi.port)
-    initialised = ctx.files.exists(devpi.serverdir / ".nodeinfo")
-    if initialised and not force:
-        if not devpi_api_answers(devpi.port):
-            raise StepFailed(
-                f"devpi is not running, so the agent cannot tell whether {devpi.serverdir} "
-                "holds uploads; start it (devpi-agent apply) or restore with --force"
-            )
-        uploads = existing_uploads(api)
-        if uploads:
-            shown = ", ".join(uploads[:5]) + (" ..." if len(uploads) > 5 else "")
-            raise StepFailed(
-                f"this server already holds uploads ({shown}); restoring replaces them: "
-                "use --force (the current server directory is kept beside the restored one)"
-            )
+    if not force and ctx.files.exists(devpi.serverdir / ".nodeinfo"):
+        refuse_over_uploads(ctx)
     password = root_password(ctx)
     if password is None:
         raise StepFailed(f"{devpi.root_password_file} is missing: run `devpi-agent apply` first")
+    return expected, password
 
-    stamp = timestamp()
-    staging = devpi.serverdir.with_name(f"{devpi.serverdir.name}.restore-{stamp}")
-    copy: Path | None = None
-    if not readable_by(ctx, devpi.user, source / DATAINDEX):
-        # devpi-import runs as the service user; an export copied in as root may be closed to it.
-        copy = devpi.home / f".restore-source-{stamp}"
-        ctx.log.info("copying the export for the service user", source=str(source), to=str(copy))
-        # symlinks=True: never follow one, should the export change after the check above.
-        shutil.copytree(source, ctx.files.host_path(copy), symlinks=True)
-        ctx.runner.run(["chown", "-R", f"{devpi.user}:{devpi.user}", str(copy)], timeout=3600)
-    try:
-        import_into(ctx, staging, copy or source)
-    except BaseException:
-        remove_tree(ctx, staging)
-        raise
-    finally:
-        if copy is not None:
-            remove_tree(ctx, copy)
-    previous: Path | None = None
-    stop_devpi(ctx)
-    try:
-        set_root_password(ctx, staging, password)
-        if initialised or ctx.files.exists(devpi.serverdir):
-            previous = devpi.serverdir.with_name(f"{devpi.serverdir.name}.before-restore-{stamp}")
-            move(ctx, devpi.serverdir, previous)
-        move(ctx, staging, devpi.serverdir)
-        start_devpi(ctx)
-        missing = missing_files(expected, served_inventory(api))
-        if missing:
-            raise StepFailed(
-                f"the restored server does not serve the export: {describe_missing(missing)}"
-            )
-    except BaseException as error:
-        ctx.log.error(
-            "restore failed, putting the previous server directory back", error=str(error)
+
+def refuse_over_uploads(ctx: Context) -> None:
+    """StepFailed if the running devpi holds uploads a restore would replace, or if it is not
+    running (then nobody can tell)."""
+    devpi = ctx.config.devpi
+    if not devpi_api_answers(devpi.port):
+        raise StepFailed(
+            f"devpi is not running, so the agent cannot tell whether {devpi.serverdir} "
+            "holds uploads; start it (devpi-agent apply) or restore with --force"
         )
-        stop_devpi(ctx)
-        if ctx.files.exists(devpi.serverdir) and previous is not None:
-            move(
-                ctx,
-                devpi.serverdir,
-                devpi.serverdir.with_name(f"{devpi.serverdir.name}.failed-restore-{stamp}"),
-            )
-        if previous is not None:
-            move(ctx, previous, devpi.serverdir)
-        remove_tree(ctx, staging)
-        if ctx.files.exists(devpi.serverdir / ".nodeinfo"):
-            start_devpi(ctx)
-        raise
-    # The export's users keep their old passwords: the configured ones are set again.
-    devpi_users.converge(ctx)
-    warm_mirror(ctx)
-    return RestoreResult(source, len(expected), previous, time.monotonic() - started)
+    uploads = existing_uploads(DevpiApi(devpi.port))
+    if uploads:
+        shown = ", ".join(uploads[:5]) + (" ..." if len(uploads) > 5 else "")
+        raise StepFailed(
+            f"this server already holds uploads ({shown}); restoring replaces them: "
+            "use --force (the current server directory is kept beside the restored one)"
+        )
+
+
+@contextmanager
+def readable_export(ctx: Context, source: Path, stamp: str) -> Iterator[Path]:
+    """`source`, or a copy of it the service user can read (removed afterwards): devpi-import
+    runs as the service user, and an export copied in as root may be closed to it."""
+    devpi = ctx.config.devpi
+    if readable_by(ctx, devpi.user, source / DATAINDEX):
+        yield source
+        return
+    copy = devpi.home / f".restore-source-{stamp}"
+    ctx.log.info("copying the export for the service user", source=str(source), to=str(copy))
+    # symlinks=True: never follow one, should the export change after the check.
+    shutil.copytree(source, ctx.files.host_path(copy), symlinks=True)
+    ctx.runner.run(["chown", "-R", f"{devpi.user}:{devpi.user}", str(copy)], timeout=3600)
+    try:
+        yield copy
+    finally:
+        remove_tree(ctx, copy)
+
+
+@contextmanager
+def _locked(
+    command: str, config_path: Path, lock_timeout: float, verbose: bool
+) -> Iterator[Context]:
+    """The host's context for `command` under the agent's lock, exiting 3 when the lock stays
+    taken and 1 on a failure."""
+    config = load_config(command, config_path)
+    require_root(command)
+    log.configure(verbose=verbose)
+    ctx = host_context(config)
+    try:
+        with single_run(LOCK_FILE, lock_timeout):
+            yield ctx
+    except LockTimeout as error:
+        fail(command, str(error), EXIT_CANNOT_START)
+    except (StepFailed, CommandFailed, OSError) as error:
+        fail(command, str(error), EXIT_FAILED)
 
 
 @click.command("backup")
@@ -239,17 +259,8 @@ def restore(ctx: Context, source: Path, *, force: bool) -> RestoreResult:
 @click.option("-v", "--verbose", is_flag=True, help="Also log every command run.")
 def backup(config_path: Path, as_json: bool, lock_timeout: float, verbose: bool) -> None:
     """Export devpi now into backup.dir/<timestamp>; keep the newest backup.keep."""
-    config = load_config("backup", config_path)
-    require_root("backup")
-    log.configure(verbose=verbose)
-    ctx = host_context(config)
-    try:
-        with single_run(LOCK_FILE, lock_timeout):
-            result = make_backup(ctx)
-    except LockTimeout as error:
-        fail("backup", str(error), EXIT_CANNOT_START)
-    except (StepFailed, CommandFailed, OSError) as error:
-        fail("backup", str(error), EXIT_FAILED)
+    with _locked("backup", config_path, lock_timeout, verbose) as ctx:
+        result = make_backup(ctx)
     ctx.log.info("backup", **result.as_json())
     if as_json:
         click.echo(json.dumps(result.as_json()))
@@ -271,17 +282,8 @@ def restore_command(
     config_path: Path, source: Path, force: bool, lock_timeout: float, verbose: bool
 ) -> None:
     """Replace devpi's data with an export (a backup directory)."""
-    config = load_config("restore", config_path)
-    require_root("restore")
-    log.configure(verbose=verbose)
-    ctx = host_context(config)
-    try:
-        with single_run(LOCK_FILE, lock_timeout):
-            result = restore(ctx, source.resolve(), force=force)
-    except LockTimeout as error:
-        fail("restore", str(error), EXIT_CANNOT_START)
-    except (StepFailed, CommandFailed, OSError) as error:
-        fail("restore", str(error), EXIT_FAILED)
+    with _locked("restore", config_path, lock_timeout, verbose) as ctx:
+        result = restore(ctx, source.resolve(), force=force)
     kept = (
         f"; the previous server directory is kept at {result.previous}" if result.previous else ""
     )

@@ -404,7 +404,7 @@ class Files:
             self._record(FileChange(path, f"remove {path}\n", f"remove {path}"))
         if not self.check:
             real.unlink()
-            _fsync_dir(real.parent)
+            fsync_dir(real.parent)
         return True
 
 
@@ -437,10 +437,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int, owner: Ownership | None)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

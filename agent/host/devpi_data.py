@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.context import Context, StepFailed
-from agent.core.paths import DEVPI_CONFIG_FILE, DEVPI_PROGRAM
+from agent.core.files import fsync_dir
+from agent.core.paths import DEVPI_PROGRAM
 from agent.host.devpi_api import DevpiApi
+from agent.host.devpi_server import run_devpi_tool
 from agent.host.supervisor import supervisorctl, wait_for_devpi
 
 DATAINDEX = "dataindex.json"
@@ -148,14 +150,8 @@ def describe_missing(missing: list[StoredFile], limit: int = 5) -> str:
 
 def export_to(ctx: Context, target: Path, venv: Path | None = None) -> None:
     """devpi-export into `target` (absent or empty); a running server may keep running."""
-    devpi = ctx.config.devpi
-    bin_dir = (venv or devpi.venv) / "bin"
-    ctx.runner.run(
-        [str(bin_dir / "devpi-export"), "--configfile", str(DEVPI_CONFIG_FILE), str(target)],
-        user=devpi.user,
-        cwd=str(devpi.home),
-        timeout=EXPORT_TIMEOUT,
-        progress="devpi-export",
+    run_devpi_tool(
+        ctx, "devpi-export", str(target), venv=venv, timeout=EXPORT_TIMEOUT, progress="devpi-export"
     )
     if not ctx.files.exists(target / DATAINDEX):
         raise StepFailed(f"devpi-export finished but {target / DATAINDEX} is missing")
@@ -163,22 +159,15 @@ def export_to(ctx: Context, target: Path, venv: Path | None = None) -> None:
 
 def import_into(ctx: Context, serverdir: Path, source: Path, venv: Path | None = None) -> None:
     """devpi-import of `source` into a new server directory `serverdir` (must not exist)."""
-    devpi = ctx.config.devpi
-    bin_dir = (venv or devpi.venv) / "bin"
-    ctx.runner.run(
-        [
-            str(bin_dir / "devpi-import"),
-            "--configfile",
-            str(DEVPI_CONFIG_FILE),
-            "--serverdir",
-            str(serverdir),
-            # Events (devpi-web's indexing) run after the start instead: the import itself
-            # takes about a second instead of 14 s, and the server catches up by itself.
-            "--no-events",
-            str(source),
-        ],
-        user=devpi.user,
-        cwd=str(devpi.home),
+    run_devpi_tool(
+        ctx,
+        "devpi-import",
+        # Events (devpi-web's indexing) run after the start instead: the import itself
+        # takes about a second instead of 14 s, and the server catches up by itself.
+        "--no-events",
+        str(source),
+        serverdir=serverdir,
+        venv=venv,
         timeout=EXPORT_TIMEOUT,
         progress="devpi-import",
     )
@@ -189,23 +178,15 @@ def import_into(ctx: Context, serverdir: Path, source: Path, venv: Path | None =
 def set_root_password(ctx: Context, serverdir: Path, password: str) -> None:
     """devpi-passwd on a stopped server's directory: an import brings the exporting server's
     root password, but this host's is the one in devpi.root_password_file."""
-    devpi = ctx.config.devpi
-    ctx.runner.run(
-        [
-            # devpi-passwd asks through getpass, which prefers the terminal; without a
-            # controlling terminal (setsid) it reads the two answers from stdin.
-            "setsid",
-            "--wait",
-            str(devpi.venv / "bin" / "devpi-passwd"),
-            "--configfile",
-            str(DEVPI_CONFIG_FILE),
-            "--serverdir",
-            str(serverdir),
-            "root",
-        ],
+    run_devpi_tool(
+        ctx,
+        "devpi-passwd",
+        "root",
+        serverdir=serverdir,
+        # devpi-passwd asks through getpass, which prefers the terminal; without a
+        # controlling terminal (setsid) it reads the two answers from stdin.
+        wrapper=("setsid", "--wait"),
         input=f"{password}\n{password}\n",
-        user=devpi.user,
-        cwd=str(devpi.home),
         timeout=300,
     )
 
@@ -224,21 +205,13 @@ def move(ctx: Context, source: Path, target: Path) -> None:
     if real_target.exists():
         raise StepFailed(f"cannot move {source} to {target}: it exists")
     real_source.rename(real_target)
-    _fsync_dir(real_target.parent)
+    fsync_dir(real_target.parent)
 
 
 def remove_tree(ctx: Context, path: Path) -> None:
     real = ctx.files.host_path(path)
     if real.exists():
         shutil.rmtree(real)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def readable_by(ctx: Context, user: str, path: Path) -> bool:

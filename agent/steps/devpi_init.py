@@ -13,9 +13,9 @@ import shutil
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.log import redactor
-from agent.core.paths import AGENT_ETC, DEVPI_CONFIG_FILE, DEVPI_RESTART
+from agent.core.paths import AGENT_ETC, DEVPI_RESTART
 from agent.host import replication
-from agent.host.devpi_server import root_password
+from agent.host.devpi_server import root_password, run_devpi_tool
 
 NAME = "devpi-init"
 
@@ -68,18 +68,12 @@ def converge(ctx: Context) -> None:
             shutil.rmtree(real_staging)
         if real_serverdir.exists():
             real_serverdir.rmdir()
-        ctx.runner.run(
-            [
-                str(bin_dir / "devpi-init"),
-                "--configfile",
-                str(DEVPI_CONFIG_FILE),
-                "--serverdir",
-                str(staging),
-                # devpi-users makes root/pypi, with the mirror options devpi-init cannot set.
-                *([] if replication.is_replica(ctx.config) else ["--no-root-pypi"]),
-            ],
-            user=devpi.user,
-            cwd=str(devpi.home),
+        run_devpi_tool(
+            ctx,
+            "devpi-init",
+            # devpi-users makes root/pypi, with the mirror options devpi-init cannot set.
+            *([] if replication.is_replica(ctx.config) else ["--no-root-pypi"]),
+            serverdir=staging,
             # The environment keeps the password out of argv (and so out of ps).
             # A replica's devpi-init makes an empty server dir that follows the primary.
             env={"DEVPISERVER_ROOT_PASSWD": password} if password is not None else {},

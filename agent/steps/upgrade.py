@@ -22,20 +22,16 @@ from pathlib import Path
 from agent.core.context import Context, StepFailed
 from agent.core.paths import DEVPI_RESTART, STATE_DIR, VENV_BUILD
 from agent.core.runner import CommandFailed
-from agent.host.devpi_api import DevpiApi
+from agent.host import devpi_swap
 from agent.host.devpi_data import (
-    describe_missing,
     export_inventory,
     export_to,
-    import_into,
-    missing_files,
     move,
     remove_tree,
-    served_inventory,
-    start_devpi,
     stop_devpi,
     timestamp,
 )
+from agent.host.devpi_swap import Swap, import_beside, switch_and_check
 from agent.host.supervisor import warm_mirror
 from agent.host.venv import ensure_venv, installed_versions
 
@@ -53,6 +49,12 @@ class Migration:
     old_serverdir: str
     new_serverdir: str
     export: str
+
+    def swap(self, serverdir: Path) -> Swap:
+        staging = Path(self.new_serverdir)
+        # The import's copy, kept in case anything reached it in its seconds of service.
+        failed = serverdir.with_name(f"{staging.name}-failed")
+        return Swap(serverdir, staging, Path(self.old_serverdir), failed)
 
 
 def installed_server_version(ctx: Context) -> str | None:
@@ -107,35 +109,15 @@ def converge(ctx: Context) -> None:
 
 
 def migrate(ctx: Context, installed: str, wanted: str) -> None:
-    devpi = ctx.config.devpi
-    stamp = timestamp()
-    record = Migration(
-        source_version=installed,
-        target_version=wanted,
-        old_venv=str(devpi.venv.with_name(f"{devpi.venv.name}.previous-{installed}")),
-        old_serverdir=str(devpi.serverdir.with_name(f"{devpi.serverdir.name}.{installed}-{stamp}")),
-        new_serverdir=str(devpi.serverdir.with_name(f"{devpi.serverdir.name}.upgrade-{stamp}")),
-        export=str(devpi.home / f"export-{installed}-{stamp}"),
-    )
-    ctx.files.ensure_dir(RECORD.parent, mode=0o700, record=False)
-    ctx.files.ensure_file(RECORD, json.dumps(asdict(record)) + "\n", mode=0o600, record=False)
-    export = Path(record.export)
+    record = _record(ctx, installed, wanted)
+    swap, export = record.swap(ctx.config.devpi.serverdir), Path(record.export)
     try:
-        stop_devpi(ctx)
+        stop_devpi(ctx)  # no upload may land after the export
         export_to(ctx, export)
         expected = export_inventory(ctx.files.host_path(export))
-        remove_tree(ctx, Path(record.old_venv))
-        move(ctx, devpi.venv, Path(record.old_venv))
-        ensure_venv(ctx)
-        import_into(ctx, Path(record.new_serverdir), export)
-        move(ctx, devpi.serverdir, Path(record.old_serverdir))
-        move(ctx, Path(record.new_serverdir), devpi.serverdir)
-        start_devpi(ctx)
-        missing = missing_files(expected, served_inventory(DevpiApi(devpi.port)))
-        if missing:
-            raise StepFailed(
-                f"devpi {wanted} does not serve the export: {describe_missing(missing)}"
-            )
+        _new_venv(ctx, Path(record.old_venv))
+        import_beside(ctx, swap, export)
+        switch_and_check(ctx, swap, expected, serving=f"devpi {wanted}")
     except (StepFailed, CommandFailed, OSError) as error:
         ctx.log.error("upgrade failed, putting the old versions back", error=str(error))
         roll_back(ctx, record)
@@ -156,22 +138,39 @@ def migrate(ctx: Context, installed: str, wanted: str) -> None:
     )
 
 
+def _record(ctx: Context, installed: str, wanted: str) -> Migration:
+    """Where everything goes, written down before anything moves."""
+    devpi = ctx.config.devpi
+    stamp = timestamp()
+    record = Migration(
+        source_version=installed,
+        target_version=wanted,
+        old_venv=str(devpi.venv.with_name(f"{devpi.venv.name}.previous-{installed}")),
+        old_serverdir=str(devpi.serverdir.with_name(f"{devpi.serverdir.name}.{installed}-{stamp}")),
+        new_serverdir=str(devpi.serverdir.with_name(f"{devpi.serverdir.name}.upgrade-{stamp}")),
+        export=str(devpi.home / f"export-{installed}-{stamp}"),
+    )
+    ctx.files.ensure_dir(RECORD.parent, mode=0o700, record=False)
+    ctx.files.ensure_file(RECORD, json.dumps(asdict(record)) + "\n", mode=0o600, record=False)
+    return record
+
+
+def _new_venv(ctx: Context, old_venv: Path) -> None:
+    """The old venv aside (for a roll-back), the new one built at the configured path."""
+    remove_tree(ctx, old_venv)
+    move(ctx, ctx.config.devpi.venv, old_venv)
+    ensure_venv(ctx)
+
+
 def roll_back(ctx: Context, record: Migration) -> None:
     """Old venv and old server directory back in place and running, whatever state it was in."""
-    devpi = ctx.config.devpi
-    stop_devpi(ctx)
-    old_venv, old_serverdir = Path(record.old_venv), Path(record.old_serverdir)
-    if ctx.files.exists(old_venv):
-        remove_tree(ctx, devpi.venv)
-        move(ctx, old_venv, devpi.venv)
-    if ctx.files.exists(old_serverdir):
-        if ctx.files.exists(devpi.serverdir):
-            # The import's copy, kept in case anything reached it in its seconds of service.
-            failed = devpi.serverdir.with_name(f"{Path(record.new_serverdir).name}-failed")
-            move(ctx, devpi.serverdir, failed)
-        move(ctx, old_serverdir, devpi.serverdir)
-    remove_tree(ctx, Path(record.new_serverdir))
-    ctx.files.remove(RECORD, record=False)
-    ctx.clear_pending(VENV_BUILD)
-    if ctx.files.exists(devpi.serverdir / ".nodeinfo"):
-        start_devpi(ctx)
+
+    def old_venv_back() -> None:
+        devpi, old_venv = ctx.config.devpi, Path(record.old_venv)
+        if ctx.files.exists(old_venv):
+            remove_tree(ctx, devpi.venv)
+            move(ctx, old_venv, devpi.venv)
+        ctx.files.remove(RECORD, record=False)  # last: a run killed before this rolls back again
+        ctx.clear_pending(VENV_BUILD)
+
+    devpi_swap.roll_back(ctx, record.swap(ctx.config.devpi.serverdir), also=old_venv_back)

@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from configparser import RawConfigParser
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -21,8 +22,8 @@ from agent.commands import backup as backup_command
 from agent.commands import client_config, passwd, verify
 from agent.core.config import Config, ConfigError, parse
 from agent.core.context import StepFailed
-from agent.core.runner import Result
-from agent.host import devpi_data
+from agent.core.runner import CommandFailed, Result
+from agent.host import devpi_data, devpi_swap
 from agent.host.devpi_api import RemoteIndex, RemoteUser
 from agent.host.tls import CertInfo
 from agent.steps import backup as backup_step
@@ -680,17 +681,28 @@ def fake_serverdir(root: Path, name: str = "server", marker: str = "old data") -
     return path
 
 
+def fake_devpi(
+    monkeypatch: pytest.MonkeyPatch,
+    caller: Any,
+    events: list[str],
+    served: Callable[[], set[devpi_data.StoredFile]],
+) -> None:
+    """devpi's stop and start as events, and what it serves, wherever the switch calls them."""
+    for module in (caller, devpi_swap):
+        monkeypatch.setattr(module, "stop_devpi", lambda ctx: events.append("stop"))
+    monkeypatch.setattr(devpi_swap, "start_devpi", lambda ctx: events.append("start"))
+    monkeypatch.setattr(devpi_swap, "served_inventory", lambda api: served())
+
+
 @pytest.fixture
 def upgrade_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """6.19.3 installed with data; devpi's start/stop and its HTTP API faked."""
     fake_venv(tmp_path, "6.19.3")
     fake_serverdir(tmp_path)
     events: list[str] = []
-    monkeypatch.setattr(upgrade, "stop_devpi", lambda ctx: events.append("stop"))
-    monkeypatch.setattr(upgrade, "start_devpi", lambda ctx: events.append("start"))
-    monkeypatch.setattr(upgrade, "warm_mirror", lambda ctx: events.append("warm"))
     served = {"files": {devpi_data.StoredFile("devops/pypi", "p-1.whl", "aa")}}
-    monkeypatch.setattr(upgrade, "served_inventory", lambda api: served["files"])
+    fake_devpi(monkeypatch, upgrade, events, lambda: served["files"])
+    monkeypatch.setattr(upgrade, "warm_mirror", lambda ctx: events.append("warm"))
 
     def build_venv(ctx: Any) -> None:
         events.append("venv")
@@ -780,6 +792,24 @@ def test_an_upgrade_cut_short_is_undone_first(upgrade_host: dict[str, Any]) -> N
     assert not old_venv.exists() and not state.exists()
 
 
+@pytest.mark.parametrize("cut_after", ["live-moved", "switched"])
+def test_a_switch_cut_short_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_after: str
+) -> None:
+    """The roll-back upgrade and restore share, from each state between the two renames."""
+    events: list[str] = []
+    fake_devpi(monkeypatch, upgrade, events, set)
+    swap = devpi_swap.Swap.beside(SERVERDIR, staging="new", previous="old", failed="failed")
+    fake_serverdir(tmp_path, "server.old")
+    fake_serverdir(tmp_path, "server.new" if cut_after == "live-moved" else "server", "new")
+    devpi_swap.roll_back(make_ctx(tmp_path, config(), FakeRunner()), swap)
+    devpi = tmp_path / "var/lib/devpi"
+    assert (devpi / "server/marker").read_text() == "old data"
+    kept = ["server", "server.failed"] if cut_after == "switched" else ["server"]
+    assert sorted(p.name for p in devpi.iterdir()) == kept
+    assert events == ["stop", "start"]
+
+
 def test_no_upgrade_without_data_or_downwards(upgrade_host: dict[str, Any]) -> None:
     root: Path = upgrade_host["root"]
     ctx = make_ctx(
@@ -816,9 +846,7 @@ def restore_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, A
     m = backup_command
     monkeypatch.setattr(m, "devpi_api_answers", lambda port: True)
     monkeypatch.setattr(m, "existing_uploads", lambda api: state["uploads"])
-    monkeypatch.setattr(m, "stop_devpi", lambda ctx: state["events"].append("stop"))
-    monkeypatch.setattr(m, "start_devpi", lambda ctx: state["events"].append("start"))
-    monkeypatch.setattr(m, "served_inventory", lambda api: state["served"])
+    fake_devpi(monkeypatch, m, state["events"], lambda: state["served"])
     monkeypatch.setattr(m, "warm_mirror", lambda ctx: None)
     monkeypatch.setattr(m.devpi_users, "converge", lambda ctx: state["events"].append("users"))
 
@@ -870,6 +898,16 @@ def test_restore_puts_the_old_data_back_when_files_are_missing(
     assert (root / "var/lib/devpi/server/marker").read_text() == "old data"
     assert list((root / "var/lib/devpi").glob("server.failed-restore-*"))
     assert restore_host["events"] == ["stop", "start", "stop", "start"]
+
+
+def test_a_failed_restore_import_leaves_devpi_serving(restore_host: dict[str, Any]) -> None:
+    root: Path = restore_host["root"]
+    runner = FakeRunner().on(program("devpi-import"), rc=1, stderr="boom").on(["test", "-r"])
+    ctx = make_ctx(root, config(), runner)
+    with pytest.raises(CommandFailed, match="boom"):
+        backup_command.restore(ctx, restore_host["export"], force=False)
+    assert restore_host["events"] == []  # never stopped: the import ran beside the live data
+    assert sorted(p.name for p in (root / "var/lib/devpi").iterdir()) == ["server"]
 
 
 def test_restore_refuses_what_is_not_an_export(tmp_path: Path) -> None:
