@@ -20,6 +20,14 @@ PACKAGES=(
     fish pebble chromium libnss3-tools fonts-dejavu-core
     # the rendered Caddyfiles are checked with the real caddy in the unit tier
     caddy
+    # metrics: a real Prometheus scrapes a test host; promtool tests the alert rules (unit tier)
+    prometheus
+    # off-host backups: restic on the test side (reading the remote's snapshots), an SFTP client
+    restic openssh-client
+    # vagrant-test: real Vagrant with libvirt under TCG, inside the test's own network namespace
+    vagrant-libvirt libvirt-daemon-system libvirt-clients dnsmasq-base iptables slirp4netns ruby
+    # aarch64: an arm64 rootfs run through qemu-user-static (binfmt)
+    qemu-user-static arch-test binfmt-support
 )
 
 missing=()
