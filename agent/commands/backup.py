@@ -38,6 +38,7 @@ from agent.core.context import Context, StepFailed
 from agent.core.engine import LOCK_FILE, LockTimeout, single_run
 from agent.core.paths import DEVPI_CONFIG_FILE
 from agent.core.runner import CommandFailed
+from agent.core.status import write_status
 from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
     BACKUP_NAME,
@@ -260,7 +261,12 @@ def _locked(
 def backup(config_path: Path, as_json: bool, lock_timeout: float, verbose: bool) -> None:
     """Export devpi now into backup.dir/<timestamp>; keep the newest backup.keep."""
     with _locked("backup", config_path, lock_timeout, verbose) as ctx:
-        result = make_backup(ctx)
+        try:
+            result = make_backup(ctx)
+        except BaseException as error:
+            write_status(ctx.files, "backup", ok=False, error=str(error) or type(error).__name__)
+            raise
+        write_status(ctx.files, "backup", ok=True, **result.as_json())
     ctx.log.info("backup", **result.as_json())
     if as_json:
         click.echo(json.dumps(result.as_json()))

@@ -13,6 +13,8 @@ AGENT_ETC = Path("/etc/devpi-agent")
 # The agent's own state: pending markers, memo, records of upgrades in flight.
 STATE_DIR = Path("/var/lib/devpi-agent")
 PENDING_DIR = STATE_DIR / "pending"
+# The last result of each kind of run (core/status.py), readable by monitoring.
+STATUS_DIR = STATE_DIR / "status"
 # The system's CA bundle (Debian's and Ubuntu's ca-certificates).
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 
