@@ -27,6 +27,7 @@ LAZY_COMMANDS = {
     "restore": "agent.commands.backup:restore_command",
     "user-data": "agent.commands.userdata:user_data",
     "ca": "agent.commands.ca:ca",
+    "metrics": "agent.commands.metrics:metrics",
 }
 
 

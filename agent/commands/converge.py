@@ -25,7 +25,9 @@ from agent.commands.support import (
 from agent.core import log
 from agent.core.config import Config, ConfigError, load
 from agent.core.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
+from agent.core.files import Files
 from agent.core.log import redactor
+from agent.core.status import write_status
 from agent.steps import STEPS
 
 
@@ -59,6 +61,8 @@ def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float
         logger.error("locked", error=str(error))
         click.echo(f"devpi-agent: {error}", err=True)
         sys.exit(EXIT_CANNOT_START)
+    if not check:
+        record_apply(ctx.files, report)
     logger.info(
         "recap",
         ok=report.count("ok"),
@@ -68,6 +72,19 @@ def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float
         seconds=round(report.seconds, 3),
     )
     return report
+
+
+def record_apply(files: Files, report: RunReport) -> None:
+    """status/apply.json: the last apply's result, for the metrics exporter and monitoring."""
+    failed = next((step for step in report.steps if step.status == "failed"), None)
+    write_status(
+        files,
+        "apply",
+        ok=failed is None,
+        changed=report.count("changed"),
+        failed_step=failed.name if failed else None,
+        seconds=round(report.seconds, 3),
+    )
 
 
 def _print_steps(report: RunReport, *, verb: str, diffs: bool) -> None:

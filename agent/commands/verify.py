@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import tempfile
+import urllib.error
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -34,11 +35,11 @@ from agent.commands.support import (
     load_config,
     require_root,
 )
-from agent.core import log
-from agent.core.config import Config
+from agent.core import direct_http, log
+from agent.core.config import Config, metrics_address
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
-from agent.core.paths import DEVPI_PROGRAM, SYSTEM_CA_BUNDLE
+from agent.core.paths import DEVPI_PROGRAM, METRICS_PROGRAM, SYSTEM_CA_BUNDLE
 from agent.facts.systemd import is_active
 from agent.host import replication, tls
 from agent.host.caddy import caddy_home
@@ -411,10 +412,39 @@ def check_replication(ctx: Context) -> Check:
     return Check("replication", ok, detail)
 
 
+def metrics_verdict(state: str | None, answers: bool, listen: str) -> Check:
+    if state != "RUNNING":
+        return failed("metrics", f"{METRICS_PROGRAM} is {state or 'not installed'}")
+    if not answers:
+        return failed(
+            "metrics", f"{METRICS_PROGRAM} runs but http://{listen}/metrics does not answer"
+        )
+    return passed("metrics", f"exporter answers on http://{listen}/metrics")
+
+
+def exporter_answers(listen: str, timeout: float = 10) -> bool:
+    host, port = metrics_address(listen)
+    url_host = f"[{host}]" if ":" in host else host
+    try:
+        with direct_http.urlopen(f"http://{url_host}:{port}/metrics", timeout=timeout) as answer:
+            return bool(answer.status == 200 and b"devpi_up " in answer.read())
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def check_metrics(ctx: Context) -> Check:
+    """metrics.enabled: the exporter runs under supervisor and answers on metrics.listen."""
+    listen = ctx.config.metrics.listen
+    return metrics_verdict(program_state(ctx, METRICS_PROGRAM), exporter_answers(listen), listen)
+
+
 def checks_for(config: Config) -> tuple[tuple[str, Callable[[Context], Check]], ...]:
-    if config.devpi.role == "standalone":
-        return CHECKS
-    return (*CHECKS, ("replication", check_replication))
+    checks = CHECKS
+    if config.devpi.role != "standalone":
+        checks = (*checks, ("replication", check_replication))
+    if config.metrics.enabled:
+        checks = (*checks, ("metrics", check_metrics))
+    return checks
 
 
 def run_checks(

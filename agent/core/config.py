@@ -213,6 +213,20 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # True: `devpi-agent metrics serve` runs under supervisor and answers on `listen`; False:
+    # nothing runs and nothing listens.
+    enabled: bool = False
+    # host:port of the exporter; an IP address (loopback unless a firewall keeps it private).
+    listen: str = "127.0.0.1:9449"
+    # Seconds after the last good backup at which the rules call it too old (a daily schedule
+    # and two hours' grace).
+    backup_max_age: int = 93600
+    # Seconds between walks of devpi's +files (the walk is cached; it reads every directory).
+    files_scan_interval: int = 300
+
+
+@dataclass(frozen=True)
 class User:
     name: str
     password: str = field(repr=False)
@@ -237,6 +251,7 @@ class Config:
     apt: AptConfig = AptConfig()
     caddy: CaddyConfig = CaddyConfig()
     backup: BackupConfig = BackupConfig()
+    metrics: MetricsConfig = MetricsConfig()
     users: tuple[User, ...] = ()
     indexes: tuple[Index, ...] = ()
     path: Path | None = None
@@ -768,6 +783,37 @@ def _parse_backup(table: _Table) -> BackupConfig:
     return BackupConfig(enabled=enabled, dir=directory, schedule=schedule.strip(), keep=keep)
 
 
+def _parse_metrics(table: _Table) -> MetricsConfig:
+    enabled: bool = table.get("enabled", bool)
+    listen: str = table.get("listen", str)
+    match = _HOST_PORT.fullmatch(listen)
+    host = match["host"].strip("[]") if match else ""
+    if not match or not is_ip_address(host) or not 1 <= int(match["port"]) <= 65535:
+        raise ConfigError(
+            table.path("listen"),
+            f"{listen!r} is not IP:PORT (e.g. {table.default('listen')}, or [::1]:9449)",
+        )
+    backup_max_age: int = table.get("backup_max_age", int)
+    if backup_max_age < 1:
+        raise ConfigError(table.path("backup_max_age"), "must be 1 or more seconds")
+    files_scan_interval: int = table.get("files_scan_interval", int)
+    if files_scan_interval < 0:
+        raise ConfigError(table.path("files_scan_interval"), "must be 0 or more seconds")
+    table.finish()
+    return MetricsConfig(
+        enabled=enabled,
+        listen=listen,
+        backup_max_age=backup_max_age,
+        files_scan_interval=files_scan_interval,
+    )
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """The (host, port) of a validated `metrics.listen`."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def check_password(key: str, password: str) -> None:
     """Raise ConfigError (naming `key`) for a password bcrypt or devpi would not take."""
     _check_password(key, password)
@@ -915,13 +961,32 @@ def parse(data: Mapping[str, Any], path: Path | None = None) -> Config:
         apt=_parse_apt(top.table("apt", AptConfig)),
         caddy=_parse_caddy(top.table("caddy", CaddyConfig)),
         backup=_parse_backup(top.table("backup", BackupConfig)),
+        metrics=_parse_metrics(top.table("metrics", MetricsConfig)),
         users=(users := _parse_users(_array_of_tables(top, "users", User))),
         indexes=_parse_indexes(_array_of_tables(top, "indexes", Index), users),
         path=path,
     )
     top.finish()
     _check_ports(config.server, config.devpi)
+    _check_metrics_port(config)
     return config
+
+
+def _check_metrics_port(config: Config) -> None:
+    if not config.metrics.enabled:
+        return
+    _, port = metrics_address(config.metrics.listen)
+    taken = {
+        "server.https_port": config.server.https_port,
+        "server.http_port": config.server.http_port,
+        "devpi.port": config.devpi.port,
+        "devpi.replication_port": config.devpi.replication_port,
+    }
+    if config.devpi.role == "replica":
+        taken["devpi.primary_proxy_port"] = config.devpi.primary_proxy_port
+    for name, used in taken.items():
+        if used == port:
+            raise ConfigError("metrics.listen", f"port {port} is already {name}")
 
 
 def _check_ports(server: ServerConfig, devpi: DevpiConfig) -> None:

@@ -10,6 +10,7 @@ from agent.steps import (
     devpi_config,
     devpi_init,
     devpi_users,
+    metrics,
     service_user,
     supervisor,
     tls,
@@ -34,6 +35,7 @@ STEPS: tuple[Step, ...] = tuple(
         devpi_users,
         caddy,
         backup,
+        metrics,
     )
 )
 

@@ -9,16 +9,13 @@ the schedule; backups already taken stay.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import sys
 from pathlib import Path
 
 from agent.core.config import DEFAULT_CONFIG_PATH
 from agent.core.context import Context, StepFailed
 from agent.core.files import render
-from agent.core.paths import SUPERVISOR_LOG_DIR
+from agent.core.paths import SUPERVISOR_LOG_DIR, agent_executable
 from agent.facts.system import installed_packages
 from agent.facts.systemd import unit_properties
 from agent.host import apt
@@ -30,8 +27,6 @@ SERVICE = UNIT_DIR / "devpi-agent-backup.service"
 TIMER = UNIT_DIR / "devpi-agent-backup.timer"
 CRON_FILE = Path("/etc/cron.d/devpi-agent-backup")
 CRON_LOG = Path("/var/log/devpi-agent/backup.log")
-# Where the README installs the agent; used when the running agent cannot tell its own path.
-INSTALLED_AGENT = Path("/usr/local/sbin/devpi-agent")
 
 _CRON_SHORTHANDS = {
     "hourly": "0 * * * *",
@@ -50,20 +45,6 @@ def cron_schedule(schedule: str) -> str | None:
     if match and int(match["hour"]) < 24 and int(match["minute"]) < 60:
         return f"{int(match['minute'])} {int(match['hour'])} * * *"
     return None
-
-
-def agent_executable() -> Path:
-    """The file this agent runs from: pex names it in $PEX; a plain install is on PATH."""
-    pex = os.environ.get("PEX")
-    if pex:
-        return Path(pex).resolve()
-    found = shutil.which("devpi-agent")
-    if found:
-        return Path(found).resolve()
-    argv0 = Path(sys.argv[0])
-    if argv0.name == "devpi-agent" and argv0.exists():
-        return argv0.resolve()
-    return INSTALLED_AGENT
 
 
 def _variables(ctx: Context) -> dict[str, object]:

@@ -165,6 +165,7 @@ def content(ctx: Context, version: tuple[int, int, int], current: str | None) ->
         devpi_port=ctx.config.devpi.port,
         outside_url=server.outside_url,
         role=ctx.config.devpi.role,
+        metrics=ctx.config.metrics.enabled,
         replication_port=ctx.config.devpi.replication_port,
         replication_site=f"{host}:{ctx.config.devpi.replication_port}",
         replica_addresses=ctx.config.devpi.replica_addresses,

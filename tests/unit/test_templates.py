@@ -369,3 +369,21 @@ def test_dearmor_without_blank_line(key_bytes: bytes) -> None:
 def test_dearmor_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         dearmor(text)
+
+
+def metrics_config() -> Config:
+    data = reference_data()
+    data["users"].append({"name": "ci", "password": CI_PASSWORD})
+    data["metrics"] = {"enabled": True}
+    return parse(data)
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+def test_caddyfile_golden_metrics(tmp_path: Path, version: str) -> None:
+    """metrics.enabled turns on Caddy's request metrics for every server (`servers { metrics }`,
+    which 2.6.2 accepts: Caddy 2.6.0 added it); off, the block is not there."""
+    rendered = caddy.content(ctx_for(tmp_path, metrics_config()), VERSIONS[version], CURRENT)
+    assert "\tservers {\n\t\tmetrics\n\t}\n" in rendered
+    assert_golden(f"Caddyfile-{version}-metrics", rendered)
+    plain = caddy.content(ctx_for(tmp_path, acme_config()), VERSIONS[version], CURRENT)
+    assert "metrics" not in plain
