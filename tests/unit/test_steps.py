@@ -54,6 +54,7 @@ def test_steps_are_in_order() -> None:
         "devpi-users",
         "caddy",
         "backup",
+        "metrics",
     ]
     assert all(s.description for s in STEPS)
 
