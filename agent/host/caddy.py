@@ -27,6 +27,13 @@ def basic_auth_directive(version: tuple[int, int, int]) -> str:
     return "basic_auth" if version >= (2, 8, 0) else "basicauth"
 
 
+def metrics_option(version: tuple[int, int, int]) -> str:
+    """How a Caddyfile turns on request metrics: `servers { metrics }` from 2.6.0 (2.5 has no
+    such option), the global `metrics` option from 2.9.0, which warns that the nested one is
+    deprecated."""
+    return "global" if version >= (2, 9, 0) else "servers"
+
+
 def admin_address(caddyfile: str | None) -> str:
     """The admin address a Caddyfile gives Caddy."""
     match = _ADMIN_LINE.search(caddyfile or "")

@@ -4,6 +4,10 @@ devpi-agent-metrics when metrics.enabled; removed (nothing runs, nothing listens
 
 from __future__ import annotations
 
+import hashlib
+import json
+
+from agent import __version__
 from agent.core.config import DEFAULT_CONFIG_PATH
 from agent.core.context import Context, StepFailed
 from agent.core.files import render
@@ -26,12 +30,31 @@ PROGRAM_FILE = SUPERVISOR_PROGRAMS_DIR / f"{METRICS_PROGRAM}.conf"
 LOG_FILE = SUPERVISOR_LOG_DIR / f"{METRICS_PROGRAM}.log"
 
 
+def settings_fingerprint(ctx: Context) -> str:
+    """A digest of what the exporter reads from the config at its start (no secret in it), and
+    the agent's version: in the program file, so a change makes supervisor restart it."""
+    config = ctx.config
+    settings = {
+        "version": __version__,
+        "metrics": [
+            config.metrics.listen,
+            config.metrics.backup_max_age,
+            config.metrics.files_scan_interval,
+        ],
+        "server": [config.server.domain, config.server.https_port, config.server.caddy_admin],
+        "devpi": [config.devpi.port, str(config.devpi.home)],
+        "backup": config.backup.enabled,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def program_content(ctx: Context) -> str:
     return render(
         "supervisor-devpi-agent-metrics.conf.j2",
         agent=agent_executable(),
         config=ctx.config.path or DEFAULT_CONFIG_PATH,
         log_file=LOG_FILE,
+        fingerprint=settings_fingerprint(ctx),
     )
 
 

@@ -281,3 +281,21 @@ def test_verify_reports_the_exporter_only_when_on() -> None:
     assert not verify.metrics_verdict("RUNNING", False, "127.0.0.1:9449").ok
     assert not verify.metrics_verdict(None, True, "127.0.0.1:9449").ok
     assert verify.metrics_verdict("RUNNING", True, "127.0.0.1:9449").ok
+
+
+def test_a_changed_setting_changes_the_program_file(tmp_path: Path) -> None:
+    """The exporter reads the config once, at its start: a changed setting it uses must change
+    its program file (supervisor's `update` then restarts it); a changed password must not."""
+
+    def content(**metrics: Any) -> str:
+        data = reference_data()
+        data["metrics"] = {"enabled": True, **metrics}
+        return metrics_step.program_content(make_ctx(tmp_path, parse(data), FakeRunner()))
+
+    assert content() == content()
+    assert content(backup_max_age=7200) != content()
+    assert content(listen="127.0.0.1:9500") != content()
+    data = reference_data()
+    data["metrics"] = {"enabled": True}
+    data["users"][0]["password"] = "another-Password-1"
+    assert metrics_step.program_content(make_ctx(tmp_path, parse(data), FakeRunner())) == content()

@@ -380,10 +380,13 @@ def metrics_config() -> Config:
 
 @pytest.mark.parametrize("version", list(VERSIONS))
 def test_caddyfile_golden_metrics(tmp_path: Path, version: str) -> None:
-    """metrics.enabled turns on Caddy's request metrics for every server (`servers { metrics }`,
-    which 2.6.2 accepts: Caddy 2.6.0 added it); off, the block is not there."""
+    """metrics.enabled turns on Caddy's request metrics for every server: `servers { metrics }`
+    before 2.9 (2.6.0 added it; 2.6.2 validates it), the global `metrics` from 2.9; off, neither."""
     rendered = caddy.content(ctx_for(tmp_path, metrics_config()), VERSIONS[version], CURRENT)
-    assert "\tservers {\n\t\tmetrics\n\t}\n" in rendered
+    nested = "\tservers {\n\t\tmetrics\n\t}\n" in rendered
+    top_level = "\n\tmetrics\n" in rendered
+    # 2.9.0 moved the option to the top level and deprecated the nested one.
+    assert (nested, top_level) == ((False, True) if version == "2.10.0" else (True, False))
     assert_golden(f"Caddyfile-{version}-metrics", rendered)
     plain = caddy.content(ctx_for(tmp_path, acme_config()), VERSIONS[version], CURRENT)
     assert "metrics" not in plain
