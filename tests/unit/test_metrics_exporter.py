@@ -299,3 +299,27 @@ def test_a_changed_setting_changes_the_program_file(tmp_path: Path) -> None:
     data["metrics"] = {"enabled": True}
     data["users"][0]["password"] = "another-Password-1"
     assert metrics_step.program_content(make_ctx(tmp_path, parse(data), FakeRunner())) == content()
+
+
+def test_apply_writes_its_status_record(tmp_path: Path) -> None:
+    """apply.json: ok, changed, the failed step and seconds, which the exporter turns into
+    devpi_apply_ok and friends."""
+    from agent.commands.converge import record_apply
+    from agent.core.engine import RunReport, StepReport
+    from agent.core.files import Files
+    from agent.core.status import read_status
+
+    files = Files(root=tmp_path, chown=False)
+    steps = [StepReport("apt", "ok", 1.0), StepReport("tls", "changed", 2.0)]
+    record_apply(files, RunReport(steps=steps, skipped=[], seconds=3.5, file_changes=[]))
+    record = read_status(files, "apply")
+    assert record is not None
+    assert (record["ok"], record["changed"], record["failed_step"]) == (True, 1, None)
+    failing = [*steps, StepReport("caddy", "failed", 0.5, error="boom")]
+    record_apply(files, RunReport(steps=failing, skipped=["backup"], seconds=4.0, file_changes=[]))
+    record = read_status(files, "apply")
+    assert record is not None
+    assert (record["ok"], record["failed_step"], record["seconds"]) == (False, "caddy", 4.0)
+    got = samples(collector(tmp_path, config(1)).collect())
+    assert got["devpi_apply_ok"] == 0
+    assert got["devpi_apply_changed_steps"] == 1
