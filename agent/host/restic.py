@@ -133,6 +133,8 @@ def ensure_repository(ctx: Context) -> bool:
     ctx.files.host_path(CACHE_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
     probe = _run(ctx, ["cat", "config"], "opening the repository", timeout=300, check=False)
     if probe.ok:
+        # A push killed halfway leaves its lock; restic removes only stale ones (dead process).
+        _run(ctx, ["unlock"], "removing stale locks", timeout=300, check=False)
         return False
     text = probe.stderr.lower()
     missing = "is there a repository at the following location" in text or (

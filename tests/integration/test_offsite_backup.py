@@ -1,9 +1,9 @@
 """Backups that leave the host (#17 part 2), with real components: a second nspawn host runs
-OpenSSH as the SFTP remote (openssh-server installed inside it by the test; a 1 MiB tmpfs on it
-is the full remote). Host A uploads 100 packages, backs up to the remote and is destroyed; host
-B, fresh and converged, restores from the remote and serves every file with the same sha256;
-then a wrong repository password, an unreachable remote and a full remote each fail clearly,
-leave the local backup, and show in remote-backup.json and in `verify`.
+OpenSSH as the SFTP remote (openssh-server installed inside it by the test; a 1 MiB tmpfs on it,
+filled to its last 64 KiB, is the full remote). Host A uploads 100 packages, backs up to the
+remote and is destroyed; host B, fresh and converged, restores from the remote and serves every
+file with the same sha256; then a wrong repository password, an unreachable remote and a full
+remote each fail clearly, leave the local backup, and show in remote-backup.json and `verify`.
 
 The figures (a remote backup and a restore of 100 packages) are printed and go to the README.
 """
@@ -175,6 +175,7 @@ def test_a_backup_goes_to_the_remote_and_a_fresh_host_restores_it(
     first, fresh = hosts
     assert first.host.output(["restic", "version"]).startswith("restic ")
     bundle = make_ca_bundle(first.host.path(CADDY_CA), tmp_path / "ca-a.pem")
+    (tmp_path / "wheels").mkdir()
     wheels = [
         build_wheel(tmp_path / "wheels", f"offsite-pkg-{n:03d}", "1.0") for n in range(PACKAGES)
     ]
@@ -255,7 +256,9 @@ def test_a_failed_push_is_clear_keeps_the_local_backup_and_shows(
             fresh.ports, remote, url=f"sftp://root@127.0.0.1:{free_port()}//srv/restic"
         )
     else:
-        config = agent_config(fresh.ports, remote, url=remote.url("/srv/full"))
+        # Full but for 64 KiB: room for restic's repository files, not for the export.
+        remote.host.run(["dd", "if=/dev/zero", "of=/srv/full/filler", "bs=1k", "count=960"])
+        config = agent_config(fresh.ports, remote, url=remote.url("/srv/full/repo"))
     fresh.host.write(CONFIG, config, mode=0o600)
     try:
         before = fresh.backups()

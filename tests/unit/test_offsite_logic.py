@@ -174,14 +174,14 @@ def test_push_keeps_secrets_out_of_argv(tmp_path: Path) -> None:
     pushed = restic.push(ctx, Path("/var/backups/devpi/2026"), "2026")
     assert pushed == restic.Pushed("abcdef12", 1234, 5678, 1.5)
     programs = [call.argv[1] for call in runner.calls]
-    assert programs == ["cat", "backup", "forget"]
+    assert programs == ["cat", "unlock", "backup", "forget"]
     for call in runner.calls:
         argv = " ".join(call.argv)
         assert REPO_PASSWORD not in argv and AWS_SECRET not in argv and "s3:" not in argv
         assert call.env is not None and call.env["AWS_SECRET_ACCESS_KEY"] == AWS_SECRET
         assert call.env["RESTIC_REPOSITORY"] == "s3:s3.amazonaws.com/bucket/devpi"
         assert call.env["RESTIC_PASSWORD_FILE"].endswith("restic.pass")
-    forget = runner.calls[2].argv
+    forget = runner.calls[3].argv
     assert forget[forget.index("--keep-last") + 1] == "14" and "--prune" in forget
 
 
