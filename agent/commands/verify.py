@@ -479,7 +479,8 @@ def checks_for(config: Config) -> tuple[tuple[str, Callable[[Context], Check]], 
     checks = CHECKS
     if config.devpi.role != "standalone":
         checks = (*checks, ("replication", check_replication))
-    if config.backup.remote:
+    # Without a schedule (backup.enabled = false) there is no age to hold the last push to.
+    if config.backup.remote and config.backup.enabled:
         checks = (*checks, ("remote-backup", check_remote_backup))
     return checks
 

@@ -17,6 +17,7 @@ from agent.core.config import ConfigError, parse
 from agent.core.log import redactor
 from agent.core.status import read_status
 from agent.host import restic
+from agent.steps import backup as backup_step
 
 REPO_PASSWORD = "repo-password-never-in-argv"
 AWS_SECRET = "aws-secret-never-in-argv-or-logs"
@@ -330,4 +331,23 @@ def test_verify_remote_verdicts() -> None:
 def test_verify_has_the_check_only_with_a_remote(tmp_path: Path) -> None:
     names = [name for name, _ in verify.checks_for(parse(reference_data()))]
     assert "remote-backup" not in names
-    assert "remote-backup" in [name for name, _ in verify.checks_for(s3_config(tmp_path))]
+    config = s3_config(tmp_path)
+    assert "remote-backup" in [name for name, _ in verify.checks_for(config)]
+    unscheduled = replace(config, backup=replace(config.backup, enabled=False))
+    assert "remote-backup" not in [name for name, _ in verify.checks_for(unscheduled)]
+
+
+# --- the backup step installs restic ----------------------------------------------------------
+
+
+def test_the_backup_step_installs_restic_once_and_plan_does_not(tmp_path: Path) -> None:
+    config = parse(with_remote(tmp_path))
+    installed = "restic\tii \t0.14.0\nopenssh-client\tii \t9.2\n"
+    for check, dpkg, installs in ((True, "", 0), (False, "", 1), (False, installed, 0)):
+        runner = FakeRunner().on(["dpkg-query"], stdout=dpkg)
+        ctx = make_ctx(tmp_path / f"root-{check}-{installs}", config, runner, check=check)
+        backup_step.converge(ctx)
+        apt = [c for c in runner.calls if c.program == "apt-get" and "install" in c.argv]
+        assert len(apt) == installs, (check, dpkg, runner.calls)
+        if installs:
+            assert {"restic", "openssh-client"} <= set(apt[0].argv)
