@@ -4,6 +4,10 @@ backup: devpi-export into <backup.dir>/.<timestamp>.partial, renamed to <backup.
 only once complete (a cut-short backup never looks like a good one), then the oldest beyond
 `backup.keep` are deleted. The timer or cron job of the `backup` step runs exactly this.
 
+With backup.remote set, each finished backup then goes to the restic repository there
+(host/restic.py), remote_keep applies there, and remote-backup.json records the result; a failed
+push leaves the local backup and exits 1.
+
 restore: devpi-import of an export into a new server directory beside the live one, as the
 service user; devpi stopped, the root password set to this host's, the directories switched,
 devpi started, every release file of the export checked to be served with the same sha256.
@@ -39,6 +43,7 @@ from agent.core.engine import LOCK_FILE, LockTimeout, single_run
 from agent.core.paths import DEVPI_CONFIG_FILE
 from agent.core.runner import CommandFailed
 from agent.core.status import write_status
+from agent.host import restic
 from agent.host.devpi_api import DevpiApi
 from agent.host.devpi_data import (
     BACKUP_NAME,
@@ -267,29 +272,120 @@ def backup(config_path: Path, as_json: bool, lock_timeout: float, verbose: bool)
             write_status(ctx.files, "backup", ok=False, error=str(error) or type(error).__name__)
             raise
         write_status(ctx.files, "backup", ok=True, **result.as_json())
-    ctx.log.info("backup", **result.as_json())
+        ctx.log.info("backup", **result.as_json())
+        if not ctx.config.backup.remote:
+            _report(result.as_json(), as_json)
+            return
+        remote = push_remote(ctx, result)
+        _report({**result.as_json(), "remote": remote}, as_json)
+        if not remote["ok"]:
+            raise StepFailed(str(remote["error"]))
+
+
+def _report(document: dict[str, object], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.as_json()))
-    else:
-        pruned = f"; deleted {len(result.pruned)} older" if result.pruned else ""
+        click.echo(json.dumps(document))
+        return
+    pruned = document["pruned"]
+    deleted = f"; deleted {len(pruned)} older" if isinstance(pruned, list) and pruned else ""
+    click.echo(
+        f"backup: {document['path']} ({document['files']} files, "
+        f"{int(str(document['bytes'])) / 1e6:.1f} MB, {document['seconds']} s){deleted}"
+    )
+    remote = document.get("remote")
+    if isinstance(remote, dict) and remote.get("ok"):
         click.echo(
-            f"backup: {result.path} ({result.files} files, {result.bytes / 1e6:.1f} MB, "
-            f"{result.seconds:.1f} s){pruned}"
+            f"remote backup: snapshot {remote['snapshot']} in {remote['remote']} "
+            f"({int(remote['added']) / 1e6:.1f} MB new, {remote['seconds']} s)"
         )
+
+
+def push_remote(ctx: Context, result: BackupResult) -> dict[str, object]:
+    """Send the finished local backup to backup.remote; its record (remote-backup.json), whose
+    fields the metrics read: ok, snapshot, bytes, seconds | error."""
+    started = time.monotonic()
+    remote = ctx.config.backup.remote
+    try:
+        pushed = restic.push(ctx, result.path, result.path.name)
+    except (StepFailed, CommandFailed, OSError) as error:
+        message = str(error) or type(error).__name__
+        ctx.log.error("remote backup failed; the local backup is kept", error=message)
+        return write_status(
+            ctx.files,
+            "remote-backup",
+            ok=False,
+            remote=remote,
+            backup=str(result.path),
+            error=f"{message}\n(the local backup {result.path} is kept)",
+            seconds=round(time.monotonic() - started, 3),
+        )
+    record = write_status(
+        ctx.files,
+        "remote-backup",
+        ok=True,
+        remote=remote,
+        backup=str(result.path),
+        snapshot=pushed.snapshot,
+        bytes=pushed.bytes_processed,
+        added=pushed.bytes_added,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    ctx.log.info("remote backup", **record)
+    return record
+
+
+@contextmanager
+def remote_export(ctx: Context, wanted: str) -> Iterator[Path]:
+    """The export of snapshot `wanted` of backup.remote, restored into a directory under
+    backup.dir (removed afterwards; a leftover is cleaned by the next backup)."""
+    if not ctx.config.backup.remote:
+        raise StepFailed("restore --remote: backup.remote is not set in the config")
+    snapshot = restic.pick(restic.snapshots(ctx), wanted)
+    devpi, directory = ctx.config.devpi, ctx.config.backup.dir
+    ctx.mkdir(directory, mode=0o700, owner=devpi.user, group=devpi.user, key="backup.dir")
+    target = directory / f".remote-{snapshot.short_id}-{timestamp()}.partial"
+    ctx.log.info("restoring from the remote", snapshot=snapshot.id, into=str(target))
+    try:
+        yield ctx.files.host_path(restic.restore(ctx, snapshot, target))
+    finally:
+        remove_tree(ctx, target)
 
 
 @click.command("restore")
 @config_option
-@click.argument("source", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument(
+    "source", required=False, type=click.Path(path_type=Path, file_okay=False, exists=True)
+)
+@click.option(
+    "--remote",
+    "snapshot",
+    is_flag=False,
+    flag_value="latest",
+    default=None,
+    metavar="[SNAPSHOT]",
+    help="Restore a snapshot of backup.remote (its ID, a backup's name, or latest).",
+)
 @click.option("--force", is_flag=True, help="Restore even over a server that holds uploads.")
 @click.option("--lock-timeout", type=float, default=300, show_default=True)
 @click.option("-v", "--verbose", is_flag=True, help="Also log every command run.")
 def restore_command(
-    config_path: Path, source: Path, force: bool, lock_timeout: float, verbose: bool
+    config_path: Path,
+    source: Path | None,
+    snapshot: str | None,
+    force: bool,
+    lock_timeout: float,
+    verbose: bool,
 ) -> None:
-    """Replace devpi's data with an export (a backup directory)."""
+    """Replace devpi's data with an export (a backup directory, or --remote's snapshot)."""
+    if (source is None) == (snapshot is None):
+        fail("restore", "give a backup directory or --remote [SNAPSHOT] (one of them)", 2)
     with _locked("restore", config_path, lock_timeout, verbose) as ctx:
-        result = restore(ctx, source.resolve(), force=force)
+        if snapshot is not None:
+            with remote_export(ctx, snapshot) as exported:
+                result = restore(ctx, exported, force=force)
+        else:
+            assert source is not None
+            result = restore(ctx, source.resolve(), force=force)
     kept = (
         f"; the previous server directory is kept at {result.previous}" if result.previous else ""
     )

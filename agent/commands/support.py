@@ -46,6 +46,8 @@ def load_config(command: str, path: Path) -> Config:
         fail(command, f"invalid config: {error}", EXIT_CONFIG)
     for user in config.users:
         redactor.add(user.password, user=user.name)
+    # The remote's keys (backup.remote_env_file) are never logged either.
+    redactor.add_all(value for _, value in config.backup.remote_env)
     return config
 
 

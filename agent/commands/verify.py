@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -19,6 +20,7 @@ import ssl
 import stat
 import tempfile
 import urllib.error
+import time
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +42,7 @@ from agent.core.config import Config, metrics_address
 from agent.core.context import Context, StepFailed
 from agent.core.log import redactor
 from agent.core.paths import DEVPI_PROGRAM, METRICS_PROGRAM, SYSTEM_CA_BUNDLE
+from agent.core.status import read_status
 from agent.facts.systemd import is_active
 from agent.host import replication, tls
 from agent.host.caddy import caddy_home
@@ -386,6 +389,67 @@ def check_disk(ctx: Context) -> Check:
     return disk_verdict(serverdir, usage.total, usage.free)
 
 
+# How long a schedule may go between two backups, in seconds.
+SCHEDULE_INTERVALS = {"hourly": 3600.0, "daily": 86400.0, "weekly": 7 * 86400.0}
+SCHEDULE_INTERVALS["monthly"] = 31 * 86400.0
+# On top of the interval: the timer's RandomizedDelaySec (10 min) and the backup's own run,
+# a quarter of the interval, at least an hour.
+MIN_BACKUP_MARGIN = 3600.0
+
+
+def schedule_interval(ctx: Context) -> float:
+    """The longest gap between two scheduled backups: the shorthands' and HH:MM's (a day) are
+    known; any other OnCalendar value is asked of systemd (its next two elapses); a day if
+    systemd cannot say."""
+    schedule = ctx.config.backup.schedule
+    if schedule in SCHEDULE_INTERVALS:
+        return SCHEDULE_INTERVALS[schedule]
+    if re.fullmatch(r"(\*-\*-\* )?\d{1,2}:\d{2}(:00)?", schedule):
+        return 86400.0
+    found = ctx.runner.run(
+        ["systemd-analyze", "calendar", "--iterations=2", schedule],
+        env={"TZ": "UTC"},
+        check=False,
+        timeout=30,
+    )
+    stamps = re.findall(r"(?:Next elapse|Iter\. #2): \w+ (\S+ \S+) UTC", found.stdout)
+    if found.ok and len(stamps) == 2:
+        first, second = (datetime.fromisoformat(s).timestamp() for s in stamps)
+        return max(second - first, 60.0)
+    return 86400.0
+
+
+def allowed_age(interval: float) -> float:
+    return interval + max(MIN_BACKUP_MARGIN, interval / 4)
+
+
+def remote_backup_verdict(
+    record: dict[str, object] | None, now: float, allowed: float, remote: str
+) -> Check:
+    """The last push to the remote: there, recent enough, and not failed."""
+    name = "remote-backup"
+    if record is None:
+        return failed(name, f"no backup has gone to {remote} yet (run devpi-agent backup)")
+    finished = record.get("finished")
+    age = now - float(finished) if isinstance(finished, (int, float)) else float("inf")
+    hours = f"{age / 3600:.1f} h ago" if age != float("inf") else "at an unknown time"
+    if not record.get("ok"):
+        error = str(record.get("error") or "unknown error").splitlines()[0]
+        return failed(name, f"the last push to {remote} failed {hours}: {error}")
+    detail = (
+        f"snapshot {record.get('snapshot')} in {remote}, {hours} "
+        f"(at most {allowed / 3600:.1f} h allowed by backup.schedule)"
+    )
+    return passed(name, detail) if age <= allowed else failed(name, f"too old: {detail}")
+
+
+def check_remote_backup(ctx: Context) -> Check:
+    """The age of the last good push from remote-backup.json; a failed one fails."""
+    allowed = allowed_age(schedule_interval(ctx))
+    record = read_status(ctx.files, "remote-backup")
+    return remote_backup_verdict(record, time.time(), allowed, str(ctx.config.backup.remote))
+
+
 CHECKS: tuple[tuple[str, Callable[[Context], Check]], ...] = (
     ("supervisor", check_supervisor),
     ("devpi-server", check_devpi),
@@ -444,6 +508,9 @@ def checks_for(config: Config) -> tuple[tuple[str, Callable[[Context], Check]], 
         checks = (*checks, ("replication", check_replication))
     if config.metrics.enabled:
         checks = (*checks, ("metrics", check_metrics))
+    # Without a schedule (backup.enabled = false) there is no age to hold the last push to.
+    if config.backup.remote and config.backup.enabled:
+        checks = (*checks, ("remote-backup", check_remote_backup))
     return checks
 
 

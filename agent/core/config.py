@@ -210,6 +210,14 @@ class BackupConfig:
     # A systemd OnCalendar value; cron hosts accept hourly, daily, weekly, monthly and HH:MM.
     schedule: str = "daily"
     keep: int = 7
+    # Off-host copies with restic: "sftp:user@host:/path", "s3:...", "rest:..."; None is none.
+    remote: str | None = None
+    remote_password_file: Path | None = None  # the restic repository's password, root-only
+    remote_env_file: Path | None = None  # KEY=VALUE lines for restic (AWS keys...), root-only
+    remote_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # read from it
+    remote_keep: int = 14  # restic forget --keep-last
+    remote_ssh_key_file: Path | None = None  # sftp only
+    remote_known_hosts_file: Path | None = None  # sftp only
 
 
 @dataclass(frozen=True)
@@ -258,7 +266,7 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Every password the config holds, for log redaction."""
-        return [user.password for user in self.users]
+        return [user.password for user in self.users] + [v for _, v in self.backup.remote_env]
 
 
 T = TypeVar("T")
@@ -779,8 +787,131 @@ def _parse_backup(table: _Table) -> BackupConfig:
     keep: int = table.get("keep", int)
     if keep < 1:
         raise ConfigError(table.path("keep"), "must keep at least 1 backup")
+    remote = _parse_remote(table)
     table.finish()
-    return BackupConfig(enabled=enabled, dir=directory, schedule=schedule.strip(), keep=keep)
+    return BackupConfig(
+        enabled=enabled, dir=directory, schedule=schedule.strip(), keep=keep, **remote
+    )
+
+
+REMOTE_SCHEMES: tuple[str, ...] = ("sftp:", "s3:", "rest:")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+# restic's own settings the agent sets; an env file must not override them.
+_RESTIC_OWN_ENV = frozenset({"RESTIC_REPOSITORY", "RESTIC_PASSWORD_FILE", "RESTIC_PASSWORD"})
+
+
+def _root_only_file(key: str, path: Path, what: str) -> bytes:
+    found = read_file(what, path, lambda reason: ConfigError(key, reason))
+    if found.mode & 0o077:
+        raise ConfigError(
+            key, f"{what} {path} is readable by others (mode {found.mode:04o}): chmod 600 it"
+        )
+    return found.data
+
+
+def _parse_remote(table: _Table) -> dict[str, Any]:
+    """The [backup] remote_* keys, each checked; a remote needs its password file."""
+    names = (
+        "remote_password_file",
+        "remote_env_file",
+        "remote_ssh_key_file",
+        "remote_known_hosts_file",
+    )
+    remote: str | None = table.get("remote", str)
+    keep: int = table.get("remote_keep", int)
+    paths = {name: _optional_absolute_path(table, name) for name in names}
+    if remote is None:
+        given = [name for name in names if paths[name] is not None]
+        if given:
+            raise ConfigError(table.path(given[0]), "only used with backup.remote")
+        return {}
+    key = table.path("remote")
+    if not remote.startswith(REMOTE_SCHEMES) or any(c in remote for c in "\r\n\x00 "):
+        wanted = ", ".join(f'"{s}..."' for s in REMOTE_SCHEMES)
+        raise ConfigError(key, f"{remote!r} is not a restic repository like {wanted}")
+    if re.match(r"^rest:https?://[^/@]*:[^/@]*@", remote):
+        raise ConfigError(
+            key,
+            "must not hold a password (it would be in argv and logs): put RESTIC_REST_USERNAME "
+            "and RESTIC_REST_PASSWORD in backup.remote_env_file",
+        )
+    if remote.startswith("sftp:"):
+        sftp_target(remote, key)
+    else:
+        for name in ("remote_ssh_key_file", "remote_known_hosts_file"):
+            if paths[name] is not None:
+                raise ConfigError(table.path(name), "only used with an sftp: remote")
+    if keep < 1:
+        raise ConfigError(table.path("remote_keep"), "must keep at least 1 snapshot")
+    password_file = paths["remote_password_file"]
+    if password_file is None:
+        raise ConfigError(
+            table.path("remote_password_file"),
+            "required with backup.remote: a root-only file holding the restic repository's "
+            "password",
+        )
+    pw_key = table.path("remote_password_file")
+    if not _root_only_file(pw_key, password_file, "password file").strip():
+        raise ConfigError(pw_key, f"password file {password_file} is empty")
+    env: tuple[tuple[str, str], ...] = ()
+    if paths["remote_env_file"] is not None:
+        env = _env_file(table.path("remote_env_file"), paths["remote_env_file"])
+    if paths["remote_ssh_key_file"] is not None:
+        _root_only_file(table.path("remote_ssh_key_file"), paths["remote_ssh_key_file"], "key")
+    if paths["remote_known_hosts_file"] is not None:
+        _read_bytes(
+            table.path("remote_known_hosts_file"),
+            paths["remote_known_hosts_file"],
+            "known_hosts file",
+        )
+    return {
+        "remote": remote,
+        "remote_keep": keep,
+        "remote_env": env,
+        **{name: path for name, path in paths.items() if path is not None},
+    }
+
+
+def sftp_target(remote: str, key: str = "backup.remote") -> tuple[str, int | None, str]:
+    """("user@host" or "host", port or None, path) of an sftp: remote, restic's two forms
+    sftp:[user@]host:/path and sftp://[user@]host[:port]//path; ConfigError otherwise."""
+    url = re.fullmatch(
+        r"sftp://(?P<host>[^/:@]+@)?(?P<name>[^/:@\[\]]+)(?::(?P<port>\d+))?/(?P<path>.+)", remote
+    )
+    short = re.fullmatch(r"sftp:(?P<host>[^/:@]+@)?(?P<name>[^/:@\[\]]+):(?P<path>.+)", remote)
+    match = url or short
+    if match is None or match["name"].startswith("-") or (match["host"] or "").startswith("-"):
+        raise ConfigError(key, f"{remote!r} is not sftp:[user@]host:/path")
+    port = int(match["port"]) if url and match["port"] else None
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(key, f"port {port} is outside 1-65535")
+    return f"{match['host'] or ''}{match['name']}", port, match["path"]
+
+
+def _env_file(key: str, path: Path) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE lines (blank lines and # comments skipped), for restic's environment."""
+    try:
+        text = _root_only_file(key, path, "env file").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"env file {path} is not UTF-8") from None
+    found: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not sep or not _ENV_NAME.fullmatch(name):
+            raise ConfigError(key, f"env file {path} line {number} is not NAME=VALUE")
+        if name in _RESTIC_OWN_ENV:
+            raise ConfigError(key, f"env file {path} line {number}: {name} is set by the agent")
+        if "\x00" in value:
+            raise ConfigError(key, f"env file {path} line {number} holds a NUL")
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        found[name] = value
+    return tuple(found.items())
 
 
 def _parse_metrics(table: _Table) -> MetricsConfig:

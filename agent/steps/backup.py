@@ -4,7 +4,8 @@ The job is the agent itself (one implementation of export, atomic rename and ret
 same one an operator runs by hand). Under systemd: devpi-agent-backup.service + .timer with
 backup.schedule as OnCalendar. Without: /etc/cron.d/devpi-agent-backup, with cron installed
 and kept running by supervisord (nothing else would start it). backup.enabled = false removes
-the schedule; backups already taken stay.
+the schedule; backups already taken stay. backup.remote installs restic (and ssh for sftp),
+whether or not the schedule is on: `devpi-agent backup` and `restore --remote` use it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,19 @@ def _variables(ctx: Context) -> dict[str, object]:
     }
 
 
+def remote_packages(ctx: Context) -> list[str]:
+    """What backup.remote needs: restic, and ssh for an sftp: remote."""
+    remote = ctx.config.backup.remote
+    if not remote:
+        return []
+    return ["restic", "openssh-client"] if remote.startswith("sftp:") else ["restic"]
+
+
 def converge(ctx: Context) -> None:
+    wanted = remote_packages(ctx)
+    missing = sorted(set(wanted) - set(installed_packages(ctx.runner, wanted))) if wanted else []
+    if missing and ctx.change(f"install {' '.join(missing)} (backup.remote)"):
+        apt.install(ctx, missing, timeout=900, progress=f"apt-get install {' '.join(missing)}")
     if not ctx.config.backup.enabled:
         _remove_schedule(ctx)
         return
