@@ -19,8 +19,8 @@ import socket
 import ssl
 import stat
 import tempfile
-import urllib.error
 import time
+import urllib.error
 from base64 import b64encode
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass

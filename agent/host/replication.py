@@ -64,11 +64,12 @@ def primary_host(config: Config) -> str:
 
 
 def primary_upstream(config: Config) -> str:
-    """primary_url as Caddy's upstream, rebuilt from its parts (ValueError if it has none)."""
+    """primary_url as Caddy's upstream, rebuilt from its parts (ValueError if it has none, or
+    credentials: config refuses those, and "https://host:port@other" would name `other`)."""
     parts = urllib.parse.urlsplit(config.devpi.primary_url or "")
     host, port = parts.hostname, parts.port or 443
-    if parts.scheme != "https" or not host:
-        raise ValueError(f"not an https:// URL: {config.devpi.primary_url!r}")
+    if parts.scheme != "https" or not host or "@" in parts.netloc:
+        raise ValueError(f"not an https:// URL without credentials: {config.devpi.primary_url!r}")
     return f"https://{url_host(host)}:{port}"
 
 

@@ -808,3 +808,17 @@ def test_replica_refuses_an_unusable_certificate(
         replication.converge_certificates(ctx)
     assert message in str(caught.value) and "devpi.replica_cert_file" in str(caught.value)
     assert "PRIVATE KEY" not in str(caught.value)
+
+
+
+def test_primary_upstream_refuses_userinfo_even_past_validation(secret_file: Path) -> None:
+    """"https://primary:8444@0" parses with host "0": were config's check ever bypassed, the
+    replica's Caddy would still not send replication traffic to a host the URL only hides."""
+    import dataclasses
+
+    config = replica_config(secret_file)
+    assert replication.primary_upstream(config).startswith("https://")
+    for url in ("https://primary.example.net:8444@0", "https://user@primary.example.net"):
+        devpi = dataclasses.replace(config.devpi, primary_url=url)
+        with pytest.raises(ValueError, match="without credentials"):
+            replication.primary_upstream(dataclasses.replace(config, devpi=devpi))
