@@ -810,9 +810,8 @@ def test_replica_refuses_an_unusable_certificate(
     assert "PRIVATE KEY" not in str(caught.value)
 
 
-
 def test_primary_upstream_refuses_userinfo_even_past_validation(secret_file: Path) -> None:
-    """"https://primary:8444@0" parses with host "0": were config's check ever bypassed, the
+    """ "https://primary:8444@0" parses with host "0": were config's check ever bypassed, the
     replica's Caddy would still not send replication traffic to a host the URL only hides."""
     import dataclasses
 
