@@ -17,9 +17,11 @@ PY := $(VENV)/bin/python
 RELEASE_REPO := devpi-agent/devpi-agent
 AGENT_URL := https://github.com/$(RELEASE_REPO)/releases/latest/download/devpi-agent
 CLOUD_INIT_YAML ?= cloud-init.yaml
+# The Vagrantfile's user data (tests/vagrant writes one elsewhere).
+VAGRANT_USER_DATA ?= dist/vagrant-user-data.yaml
 
 .PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
-        release vagrant-user-data vm reliability prereqs
+        release vagrant-user-data vm vagrant-test reliability prereqs
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -38,9 +40,10 @@ $(CLOUD_INIT_YAML): units/cloud-init.yaml.j2 agent/commands/userdata.py | venv
 	mv $@.tmp $@
 
 ## vagrant-user-data: dist/vagrant-user-data.yaml for the Vagrantfile (prints a new password)
-vagrant-user-data: dist/vagrant-user-data.yaml
+vagrant-user-data: $(VAGRANT_USER_DATA)
 
-dist/vagrant-user-data.yaml: dist/devpi-agent
+$(VAGRANT_USER_DATA): dist/devpi-agent
+	rm -f $@
 	dist/devpi-agent user-data --domain localhost --tls internal --https-port 8443 \
 	    --http-port 0 --user devops --agent-url file:///opt/devpi-agent-dist/devpi-agent \
 	    --agent-file dist/devpi-agent -o $@
@@ -80,11 +83,15 @@ integration: prereqs venv dist
 vm: prereqs venv dist
 	$(VENV)/bin/pytest tests/vm -v -rA
 
+## vagrant-test: `vagrant up --provider=libvirt` with this Vagrantfile, the real clients, destroy (root)
+vagrant-test: prereqs venv dist
+	$(VENV)/bin/pytest tests/vagrant -v -rA
+
 ## test: everything CI runs (as root). Two workers, one test file each at a time: hosts spend
 ## much of their time waiting on downloads, so two files at once halve the wall time.
 test: prereqs venv dist
 	$(MAKE) lint
-	$(VENV)/bin/pytest tests -v -rA -n 2 --dist loadfile
+	$(VENV)/bin/pytest tests -v -rA -n 2 --dist loadfile --ignore=tests/vagrant
 
 ## demo: converge a throwaway local container and print a ready-to-paste pip command (root)
 demo: prereqs venv dist
