@@ -229,3 +229,14 @@ def test_unlocked_resolves_as_before_and_warns(
     assert install[-3:] == ("devpi-server==6.20.3", "devpi-web==5.1.1", "devpi-client==7.3.0")
     assert "--require-hashes" not in install
     assert "devpi.unlocked = true" in capsys.readouterr().out
+
+
+def test_the_shipped_lock_is_compiled_from_devpi_requirements_in() -> None:
+    """devpi-requirements.in edited without `make lock-devpi` fails here."""
+    pins = parse_lock(shipped_lock())
+    wanted = Path(__file__).resolve().parents[2] / "devpi-requirements.in"
+    for line in wanted.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            assert versions_of(pins, name) == {version}, line
