@@ -187,6 +187,8 @@ def _install_unlocked(ctx: Context, python: Path) -> None:
         return
     if ctx.change(f"pip install {' '.join(pins)}"):
         ctx.mark_pending(VENV_BUILD)
+        # No longer what any lock built: a lock later is a reinstall.
+        ctx.files.remove(ctx.config.devpi.venv / VENV_LOCK, record=False)
         _pip(
             ctx,
             python,
