@@ -194,7 +194,7 @@ def floor(rootfs: Path) -> dict[str, Any]:
                     "sh",
                     "-c",
                     f"python3 -m venv /tmp/floor && {pip} --only-binary :all: -r /tmp/wheels.txt"
-                    f" && {pip} --no-build-isolation -r /tmp/sdists.txt",
+                    f" && {pip} --no-build-isolation --use-pep517 -r /tmp/sdists.txt",
                 ],
                 timeout=1200,
             )

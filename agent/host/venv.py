@@ -140,7 +140,11 @@ def _install_locked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None
     ctx.files.ensure_dir(staging, mode=0o700, record=False)
     batches = [
         ("wheels.txt", [p for p in locked if not p.sdist_only], ["--only-binary", ":all:"]),
-        ("sdists.txt", [p for p in locked if p.sdist_only], ["--no-build-isolation"]),
+        (
+            "sdists.txt",
+            [p for p in locked if p.sdist_only],
+            ["--no-build-isolation", "--use-pep517"],
+        ),
     ]
     common = ["install", "--no-input", "--progress-bar", "off", "--require-hashes", "--no-deps"]
     for name, pins, options in batches:
