@@ -182,8 +182,10 @@ def floor(rootfs: Path) -> dict[str, Any]:
         # The same locked packages the agent installs, hashes checked, nothing resolved: the
         # wheels in one pip run, then the sdist-only ones built against the locked setuptools.
         pins = parse_lock(shipped_lock())
-        host.write("/tmp/wheels.txt", "".join(p.text + "\n" for p in pins if not p.sdist_only))
-        host.write("/tmp/sdists.txt", "".join(p.text + "\n" for p in pins if p.sdist_only))
+        host.write(
+            "/root/floor-wheels.txt", "".join(p.text + "\n" for p in pins if not p.sdist_only)
+        )
+        host.write("/root/floor-sdists.txt", "".join(p.text + "\n" for p in pins if p.sdist_only))
         pip = (
             "PIP_CERT=/etc/ssl/certs/ca-certificates.crt /tmp/floor/bin/pip install -q "
             "--require-hashes --no-deps"
@@ -193,8 +195,9 @@ def floor(rootfs: Path) -> dict[str, Any]:
                 [
                     "sh",
                     "-c",
-                    f"python3 -m venv /tmp/floor && {pip} --only-binary :all: -r /tmp/wheels.txt"
-                    f" && {pip} --no-build-isolation --use-pep517 -r /tmp/sdists.txt",
+                    f"python3 -m venv /tmp/floor"
+                    f" && {pip} --only-binary :all: -r /root/floor-wheels.txt"
+                    f" && {pip} --no-build-isolation --use-pep517 -r /root/floor-sdists.txt",
                 ],
                 timeout=1200,
             )
