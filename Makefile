@@ -20,8 +20,8 @@ CLOUD_INIT_YAML ?= cloud-init.yaml
 # The Vagrantfile's user data (tests/vagrant writes one elsewhere).
 VAGRANT_USER_DATA ?= dist/vagrant-user-data.yaml
 
-.PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
-        release vagrant-user-data vm vagrant-test reliability prereqs
+.PHONY: dist lock lock-agent lock-devpi venv lint unit integration test demo demo-stop bench \
+        clean release vagrant-user-data vm vagrant-test reliability prereqs
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -48,9 +48,16 @@ $(VAGRANT_USER_DATA): dist/devpi-agent
 	    --http-port 0 --user devops --agent-url file:///opt/devpi-agent-dist/devpi-agent \
 	    --agent-file dist/devpi-agent -o $@
 
-## lock: regenerate pex.lock from requirements.in
-lock:
+## lock: regenerate both locks (pex.lock for the agent, units/devpi.lock for devpi's venv)
+lock: lock-agent lock-devpi
+
+## lock-agent: regenerate pex.lock from requirements.in
+lock-agent:
 	tools/build-dist.sh lock
+
+## lock-devpi: regenerate units/devpi.lock (hash-pinned, universal) from devpi-requirements.in
+lock-devpi: venv
+	tools/lock-devpi.sh
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

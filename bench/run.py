@@ -31,6 +31,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO))
 
 from agenthost import AGENT, CADDY_CA, CONFIG, DIST, Ports, apply, config_text  # noqa: E402
 from clients import (  # noqa: E402
@@ -42,6 +43,8 @@ from clients import (  # noqa: E402
     twine_upload,
 )
 from nspawn import NspawnHost, build_rootfs, default_cache_dir  # noqa: E402
+
+from agent.core.devpilock import parse_lock, shipped_lock  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PASSWORD = "bench-Pw-4b1d9e"
@@ -58,7 +61,6 @@ PUBLIC_SET = [
     "tomli",
     "typing-extensions",
 ]
-DEVPI_PINS = ["devpi-server==6.20.3", "devpi-web==5.1.1", "devpi-client==7.3.0"]
 # The idiomatic Ansible playbook measured in the same kind of container (issue #6).
 PEER = {"first_run_median_s": 32.0, "noop_median_s": 7.3}
 
@@ -177,13 +179,25 @@ def floor(rootfs: Path) -> dict[str, Any]:
                 timeout=1200,
             )
         )
+        # The same locked packages the agent installs, hashes checked, nothing resolved: the
+        # wheels in one pip run, then the sdist-only ones built against the locked setuptools.
+        pins = parse_lock(shipped_lock())
+        host.write(
+            "/root/floor-wheels.txt", "".join(p.text + "\n" for p in pins if not p.sdist_only)
+        )
+        host.write("/root/floor-sdists.txt", "".join(p.text + "\n" for p in pins if p.sdist_only))
+        pip = (
+            "PIP_CERT=/etc/ssl/certs/ca-certificates.crt /tmp/floor/bin/pip install -q "
+            "--require-hashes --no-deps"
+        )
         pip_s, _ = timed(
             lambda: host.run(
                 [
                     "sh",
                     "-c",
-                    "python3 -m venv /tmp/floor && PIP_CERT=/etc/ssl/certs/ca-certificates.crt "
-                    "/tmp/floor/bin/pip install -q " + " ".join(DEVPI_PINS),
+                    f"python3 -m venv /tmp/floor"
+                    f" && {pip} --only-binary :all: -r /root/floor-wheels.txt"
+                    f" && {pip} --no-build-isolation --use-pep517 -r /root/floor-sdists.txt",
                 ],
                 timeout=1200,
             )

@@ -15,6 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+from agent.core.devpilock import LockError, parse_lock, shipped_lock, versions_of
 from agent.core.reading import read_file
 
 if sys.version_info >= (3, 11):
@@ -137,6 +138,12 @@ class DevpiConfig:
     server_version: str = "6.20.3"
     web_version: str = "5.1.1"
     client_version: str = "7.3.0"
+    # The lock the venv is built from (every package, sha256-pinned): None is the one shipped in
+    # the agent (units/devpi.lock); a path is the user's own, for versions the shipped one lacks.
+    lock_file: Path | None = None
+    lock: str | None = field(default=None, repr=False)
+    # True: pip resolves devpi's dependencies at apply time, unpinned (a warning in every run).
+    unlocked: bool = False
     # devpi-web's search. Whoosh stays small because the mirror's ~930k names are never listed.
     indexer: Indexer = "whoosh"
     # False: root/pypi asks PyPI per project and never downloads its list of every project name
@@ -571,10 +578,62 @@ def _parse_devpi(table: _Table) -> DevpiConfig:
         key_derivation=_choice(table, "key_derivation", KEY_DERIVATIONS),
         prune=table.get("prune", bool),
         upgrade=_choice(table, "upgrade", UPGRADE_MODES),
+        # Replication's version floor first: it is the more pressing reason to refuse a version.
         **_parse_replication(table),
+        **_parse_lock(table),
     )
     table.finish()
     return devpi
+
+
+# The config keys that pin a devpi package, by package.
+_PINNED_PACKAGES = {
+    "server_version": "devpi-server",
+    "web_version": "devpi-web",
+    "client_version": "devpi-client",
+}
+
+
+def _parse_lock(table: _Table) -> dict[str, Any]:
+    """Which lock builds the venv: the shipped one, the user's lock_file, or none (unlocked)."""
+    unlocked: bool = table.get("unlocked", bool)
+    lock_file = _optional_absolute_path(table, "lock_file")
+    if unlocked and lock_file is not None:
+        raise ConfigError(
+            table.path("lock_file"), "cannot be used with unlocked = true: choose one"
+        )
+    if unlocked:
+        return {"unlocked": True}
+    key = table.path("lock_file")
+    if lock_file is None:
+        text, source = shipped_lock(), "the lock shipped in the agent"
+    else:
+        data = _read_bytes(key, lock_file, "lock file")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise ConfigError(key, f"lock file {lock_file} is not UTF-8 text") from None
+        source = f"lock file {lock_file}"
+    try:
+        pins = parse_lock(text)
+    except LockError as error:
+        raise ConfigError(key, f"lock file {lock_file}: {error}") from None
+    for name, package in _PINNED_PACKAGES.items():
+        version = table.get(name, str)
+        locked = versions_of(pins, package)
+        if version not in locked:
+            have = ", ".join(sorted(locked)) or "none"
+            where = table.path(name) if lock_file is None else key
+            raise ConfigError(
+                where,
+                f"{package} {version} is not in {source} (it holds {have}): give a lock that "
+                f"holds it as {table.path('lock_file')} (make one with `uv pip compile "
+                f"--universal --generate-hashes`), or set {table.path('unlocked')} = true to "
+                "install it unpinned",
+            )
+    if lock_file is None:
+        return {}
+    return {"lock_file": lock_file, "lock": text}
 
 
 # Which roles each replication setting belongs to.

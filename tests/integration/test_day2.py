@@ -80,6 +80,8 @@ tls = "internal"
 [devpi]
 port = {ports.devpi}
 server_version = "{server_version}"
+# Versions other than the agent's default pins are not in the shipped lock.
+unlocked = {str(server_version != NEW_SERVER).lower()}
 upgrade = "export-import"
 prune = {str(prune).lower()}
 

@@ -84,6 +84,8 @@ INSIDE_FIRST_APPLY: dict[str, list[str]] = {
         "run:pip install~Installing collected packages",
         # pip prints nothing while it installs: killed 3 s into that, some packages are in
         "run:pip install~Installing collected packages@3",
+        # The sdist-only package built against the locked setuptools, the wheels all in.
+        "run:pip install (sdists)~Building wheel",
     ],
     "devpi-config": ["devpi-config:written"],
     "devpi-init": ["devpi-init:password-written", "run:devpi-init~"],

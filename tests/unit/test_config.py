@@ -151,6 +151,7 @@ def test_every_setting_can_be_given() -> None:
         server_version="6.21.0",
         web_version="5.2.0",
         client_version="7.4.0.post1",
+        unlocked=True,
         indexer="null",
         mirror_project_list=True,
         key_derivation="devpi",

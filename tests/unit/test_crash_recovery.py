@@ -269,7 +269,10 @@ def test_venv_check_mode_reports_the_rebuild_and_changes_nothing(tmp_path: Path)
     ctx = make_ctx(tmp_path, config(), runner, check=True)
     venv.converge(ctx)
     assert runner.calls == []
-    assert ctx.changes == [f"create venv {VENV} again (the last build was cut short)"]
+    assert ctx.changes == [
+        f"create venv {VENV} again (the last build was cut short)",
+        f"install 74 locked packages from the lock shipped in the agent ({VENV}/devpi-agent.lock)",
+    ]
     assert under(tmp_path, "var/lib/devpi-agent/pending/venv-build").exists()
 
 

@@ -813,7 +813,9 @@ def test_a_switch_cut_short_is_rolled_back(
 def test_no_upgrade_without_data_or_downwards(upgrade_host: dict[str, Any]) -> None:
     root: Path = upgrade_host["root"]
     ctx = make_ctx(
-        root, config(devpi={"server_version": "6.18.0", **UPGRADE["devpi"]}), FakeRunner()
+        root,
+        config(devpi={"server_version": "6.18.0", "unlocked": True, **UPGRADE["devpi"]}),
+        FakeRunner(),
     )
     with pytest.raises(StepFailed, match=r"older than the installed 6\.19\.3"):
         upgrade.converge(ctx)

@@ -265,7 +265,7 @@ def test_replication_refuses_a_devpi_that_leaks_its_changelog(
 @pytest.mark.parametrize("version", ["6.20.2", "6.20.3", "7.0.0"])
 def test_replication_accepts_a_fixed_devpi(version: str) -> None:
     data = primary_data()
-    data["devpi"]["server_version"] = version
+    data["devpi"].update(server_version=version, unlocked=version != "6.20.3")
     assert parse(data).devpi.server_version == version
 
 

@@ -19,6 +19,7 @@ from conftest import REFERENCE_TOML, Call, FakeRunner, make_ctx, program, refere
 
 from agent.core import engine, log, paths
 from agent.core.config import DEFAULT_CADDY_ADMIN, Config, parse
+from agent.core.devpilock import shipped_lock
 from agent.core.engine import LockTimeout, run_steps, single_run
 from agent.core.files import render
 from agent.core.runner import CommandFailed, Result
@@ -409,6 +410,8 @@ def make_venv(
     python = tmp_path / "opt/devpi-agent/venv/bin/python"
     python.parent.mkdir(parents=True, exist_ok=True)
     python.write_text("")
+    # Built from the shipped lock.
+    (python.parent.parent / host_venv.VENV_LOCK).write_text(shipped_lock())
     install_dists(tmp_path, server=server, web=web, client=client)
 
 
@@ -434,6 +437,12 @@ def test_installed_versions(tmp_path: Path) -> None:
     assert host_venv.installed_versions([tmp_path / "missing"]) == {}
 
 
+LOCK_INSTALL = (
+    "install 74 locked packages from the lock shipped in the agent "
+    "(/opt/devpi-agent/venv/devpi-agent.lock)"
+)
+
+
 def test_venv_pins_match_no_pip(tmp_path: Path) -> None:
     make_venv(tmp_path)
     runner = FakeRunner()
@@ -457,13 +466,17 @@ def test_venv_pin_differs_pip_installs_all_three(tmp_path: Path) -> None:
     runner = pip_installs_pins(tmp_path)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    [pip] = runner.calls
-    assert pip.argv[0] == str(VENV / "bin/python")
-    assert pip.argv[1:4] == ("-m", "pip", "install")
-    assert pip.argv[-3:] == PINS
-    assert pip.env is not None
-    assert pip.env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
-    assert ctx.changes == ["pip install devpi-web==5.1.1"]
+    # Every wheel in one run, then the sdist-only pyramid-chameleon; nothing resolved.
+    wheels, sdists = runner.calls
+    for pip in (wheels, sdists):
+        assert pip.argv[0] == str(VENV / "bin/python")
+        assert pip.argv[1:4] == ("-m", "pip", "install")
+        assert {"--require-hashes", "--no-deps"} <= set(pip.argv)
+        assert pip.env is not None
+        assert pip.env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
+    assert wheels.argv[-2:] == ("-r", str(VENV / ".devpi-agent-install/wheels.txt"))
+    assert "--only-binary" in wheels.argv and "--no-build-isolation" in sdists.argv
+    assert ctx.changes == [LOCK_INSTALL]
     assert ctx.is_pending("devpi-server-restart")
     assert (tmp_path / "var/lib/devpi-agent/pending/devpi-server-restart").exists()
 
@@ -477,7 +490,7 @@ def test_venv_created_when_missing(tmp_path: Path) -> None:
     runner.on([host_venv.SYSTEM_PYTHON, "-m", "venv"], make)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    assert [c.argv[1:3] for c in runner.calls] == [("-m", "venv"), ("-m", "pip")]
+    assert [c.argv[1:3] for c in runner.calls] == [("-m", "venv"), ("-m", "pip"), ("-m", "pip")]
     assert runner.calls[0].argv == (host_venv.SYSTEM_PYTHON, "-m", "venv", str(VENV))
     assert ctx.changes[0] == f"create venv {VENV}"
 
@@ -496,7 +509,7 @@ def test_venv_check_mode(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, config(), runner, check=True)
     venv.converge(ctx)
     assert runner.calls == []
-    assert ctx.changes == ["pip install devpi-client==7.3.0"]
+    assert ctx.changes == [LOCK_INSTALL]
     assert not (tmp_path / "var/lib/devpi-agent").exists()
 
 
