@@ -19,7 +19,7 @@ AGENT_URL := https://github.com/$(RELEASE_REPO)/releases/latest/download/devpi-a
 CLOUD_INIT_YAML ?= cloud-init.yaml
 
 .PHONY: dist lock venv lint unit integration test demo demo-stop bench clean \
-        release vagrant-user-data vm reliability prereqs
+        release vagrant-user-data vm reliability prereqs arm64-apply
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -76,9 +76,13 @@ unit: venv
 integration: prereqs venv dist
 	$(VENV)/bin/pytest tests/integration -v -rA
 
-## vm: boots a Debian 12 cloud VM (qemu, TCG) with cloud-init.yaml's template as user data (root)
+## vm: boots Debian 12 and 13 cloud VMs (qemu, TCG) with cloud-init.yaml's template as user data (root)
 vm: prereqs venv dist
 	$(VENV)/bin/pytest tests/vm -v -rA
+
+## arm64-apply: a full apply on an arm64 host emulated with qemu-user (not in `make test`; root)
+arm64-apply: prereqs venv dist
+	$(VENV)/bin/pytest tests/integration/arm64_apply.py -v -rA
 
 ## test: everything CI runs (as root). Two workers, one test file each at a time: hosts spend
 ## much of their time waiting on downloads, so two files at once halve the wall time.
