@@ -35,6 +35,12 @@ def test_first_boot_variant_adds_the_apt_housekeeping() -> None:
     files = vmimage._files("first-boot")
     assert "OnBootSec=1s" in files["etc/systemd/system/apt-daily.timer.d/first-boot.conf"]
     assert "RandomizedDelaySec=0" in files["etc/systemd/system/apt-daily.timer.d/first-boot.conf"]
+    # cloud-init orders cloud-final before apt-daily: the image starts it as cloud-final starts.
+    kick = files["etc/systemd/system/cloud-final.service.d/apt-daily-now.conf"]
+    assert "--job-mode=ignore-dependencies apt-daily.service" in kick
+    # trixie's cloud-init would ask for DHCPv6, which qemu's user network does not answer.
+    assert "dhcp4: true" in "".join(vmimage._files("plain", "trixie").values())
+    assert vmimage._files("plain", "bookworm") == vmimage.FILES
     plain = vmimage._mmdebstrap_argv("<T>", "bookworm", "plain")
     assert not any("unattended-upgrades" in a for a in plain)
     assert vmimage._files("plain") == vmimage.FILES

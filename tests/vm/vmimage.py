@@ -87,20 +87,33 @@ FILES: dict[str, str] = {
         "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n"
     ),
 }
+#: A release's own files (on top of FILES). cloud-init 25 (trixie) adds DHCPv6 to its fallback
+#: network config, which qemu's user network does not answer: ifup then holds networking.service
+#: for its 5 min timeout and fails. The NIC (qemu's first virtio-net, ens3) gets DHCPv4 only.
+SUITE_FILES: dict[str, dict[str, str]] = {
+    "trixie": {
+        "etc/cloud/cloud.cfg.d/91-devpi-agent-tests-network.cfg": (
+            "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"
+        ),
+    },
+}
 #: The first-boot variant's files (on top of FILES).
 FIRST_BOOT_FILES: dict[str, str] = {
     # As Ubuntu ships it: refresh the lists and run unattended-upgrade every day.
     "etc/apt/apt.conf.d/20auto-upgrades": (
         'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n'
     ),
-    # The stock timers fire at 6:00/18:00 plus up to 12 h; a cloud image's first boot meets
-    # them anyway (their Persistent= catch-up). Here they fire at boot, and apt-daily waits
-    # for cloud-config, so it refreshes the lists (holding their lock) as cloud-final starts.
+    # The stock timers fire at 6:00/18:00 plus up to 12 h; here they fire at boot.
     "etc/systemd/system/apt-daily.timer.d/first-boot.conf": (
         "[Timer]\nOnBootSec=1s\nRandomizedDelaySec=0\n"
     ),
-    "etc/systemd/system/apt-daily.service.d/first-boot.conf": (
-        "[Unit]\nAfter=cloud-config.service\n"
+    # cloud-init orders cloud-final Before=apt-daily.service (on Debian and Ubuntu), so a
+    # timer's apt-daily waits until the bootstrap is done. Make it run as cloud-final starts,
+    # as on the hosts where user data met apt's locks: the queued job, started again with
+    # ignore-dependencies, loses its ordering and runs now.
+    "etc/systemd/system/cloud-final.service.d/apt-daily-now.conf": (
+        "[Service]\nExecStartPre=-/usr/bin/systemctl start --no-block"
+        " --job-mode=ignore-dependencies apt-daily.service\n"
     ),
     # Then unattended-upgrade (apt-daily-upgrade.service is ordered after apt-daily).
     "etc/systemd/system/apt-daily-upgrade.timer.d/first-boot.conf": (
@@ -145,8 +158,12 @@ def _packages(variant: str) -> tuple[str, ...]:
     return PACKAGES + (FIRST_BOOT_PACKAGES if variant == "first-boot" else ())
 
 
-def _files(variant: str) -> dict[str, str]:
-    return {**FILES, **(FIRST_BOOT_FILES if variant == "first-boot" else {})}
+def _files(variant: str, suite: str = SUITE) -> dict[str, str]:
+    return {
+        **FILES,
+        **SUITE_FILES.get(suite, {}),
+        **(FIRST_BOOT_FILES if variant == "first-boot" else {}),
+    }
 
 
 def _mmdebstrap_argv(target: str, suite: str = SUITE, variant: str = VARIANT) -> list[str]:
@@ -167,7 +184,7 @@ def image_key(certs: list[tuple[str, bytes]], suite: str = SUITE, variant: str =
     recipe = {
         "recipe": RECIPE_VERSION,
         "argv": _mmdebstrap_argv("<TARGET>", suite, variant),
-        "files": _files(variant),
+        "files": _files(variant, suite),
         "disk": DISK_SIZE,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
@@ -194,8 +211,10 @@ def _run(argv: list[str], log: Path, timeout: float = 1800) -> None:
         raise ImageError(f"{argv[0]} failed (exit {result.returncode}); log {log}:\n{tail}")
 
 
-def _customize(root: Path, certs: list[tuple[str, bytes]], variant: str, log: Path) -> None:
-    for relative, text in _files(variant).items():
+def _customize(
+    root: Path, certs: list[tuple[str, bytes]], suite: str, variant: str, log: Path
+) -> None:
+    for relative, text in _files(variant, suite).items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():
@@ -267,7 +286,7 @@ def build_image(cache_dir: Path, suite: str = SUITE, variant: str = VARIANT) -> 
         try:
             root = work / "root"
             _run(_mmdebstrap_argv(str(root), suite, variant), log)
-            _customize(root, certs, variant, log)
+            _customize(root, certs, suite, variant, log)
             kernel, initrd = _boot_files(root)
             shutil.copyfile(kernel, work / "vmlinuz")
             shutil.copyfile(initrd, work / "initrd.img")
