@@ -49,6 +49,9 @@ PACKAGES: tuple[str, ...] = (
     "python3",
     "qemu-guest-agent",
 )
+#: A release's own extra packages: cloud-init 25 (trixie) fails its resizefs module without
+#: resize2fs, which stock cloud images have (minbase does not).
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"trixie": ("e2fsprogs",)}
 #: What the first-boot variant adds: an Ubuntu cloud image's apt housekeeping.
 FIRST_BOOT_PACKAGES: tuple[str, ...] = ("unattended-upgrades", "needrestart")
 
@@ -95,6 +98,9 @@ SUITE_FILES: dict[str, dict[str, str]] = {
         "etc/cloud/cloud.cfg.d/91-devpi-agent-tests-network.cfg": (
             "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"
         ),
+        # No sshd here: cloud-init 25 reports each host key it cannot make as an error, which
+        # makes `cloud-init status` exit 2 (degraded).
+        "etc/cloud/cloud.cfg.d/92-devpi-agent-tests-ssh.cfg": "ssh_genkeytypes: []\n",
     },
 }
 #: The first-boot variant's files (on top of FILES).
@@ -154,8 +160,9 @@ def _host_ca_certs() -> list[tuple[str, bytes]]:
     )
 
 
-def _packages(variant: str) -> tuple[str, ...]:
-    return PACKAGES + (FIRST_BOOT_PACKAGES if variant == "first-boot" else ())
+def _packages(variant: str, suite: str = SUITE) -> tuple[str, ...]:
+    extra = FIRST_BOOT_PACKAGES if variant == "first-boot" else ()
+    return PACKAGES + SUITE_PACKAGES.get(suite, ()) + extra
 
 
 def _files(variant: str, suite: str = SUITE) -> dict[str, str]:
@@ -171,7 +178,7 @@ def _mmdebstrap_argv(target: str, suite: str = SUITE, variant: str = VARIANT) ->
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
-        "--include=" + ",".join(_packages(variant)),
+        "--include=" + ",".join(_packages(variant, suite)),
         suite,
         target,
         *mirrors(suite),
