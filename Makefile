@@ -21,7 +21,7 @@ CLOUD_INIT_YAML ?= cloud-init.yaml
 VAGRANT_USER_DATA ?= dist/vagrant-user-data.yaml
 
 .PHONY: dist lock lock-agent lock-devpi venv lint unit integration test demo demo-stop bench \
-        clean release vagrant-user-data vm vagrant-test reliability prereqs
+        clean release vagrant-user-data vm vagrant-test reliability prereqs arm64-apply
 
 ## dist: build dist/devpi-agent (single-file pex) and dist/devpi-agent.sha256
 dist: dist/devpi-agent
@@ -86,13 +86,17 @@ unit: venv
 integration: prereqs venv dist
 	$(VENV)/bin/pytest tests/integration -v -rA
 
-## vm: boots a Debian 12 cloud VM (qemu, TCG) with cloud-init.yaml's template as user data (root)
+## vm: boots Debian 12 and 13 cloud VMs (qemu, TCG) with cloud-init.yaml's template as user data (root)
 vm: prereqs venv dist
 	$(VENV)/bin/pytest tests/vm -v -rA
 
 ## vagrant-test: `vagrant up --provider=libvirt` with this Vagrantfile, the real clients, destroy (root)
 vagrant-test: prereqs venv dist
 	$(VENV)/bin/pytest tests/vagrant -v -rA
+
+## arm64-apply: a full apply on an arm64 host emulated with qemu-user (not in `make test`; root)
+arm64-apply: prereqs venv dist
+	$(VENV)/bin/pytest tests/integration/arm64_apply.py -v -rA
 
 ## test: everything CI runs (as root). Two workers, one test file each at a time: hosts spend
 ## much of their time waiting on downloads, so two files at once halve the wall time.

@@ -17,6 +17,9 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+
+# The emulated arm64 host of test_arm64.py and arm64_apply.py.
+from arm64host import arm64_host, arm64_rootfs  # noqa: F401
 from nspawn import (
     HostError,
     HostFactory,

@@ -20,6 +20,13 @@ from hostprocs import HostError, safe_rmtree, tail, tool
 #: trixie (Python 3.13, a venv without, as on Ubuntu 24.04).
 SUITES: tuple[str, ...] = ("bookworm", "trixie")
 SUITE = "bookworm"
+#: Debian architectures a test rootfs can be; a foreign one (arm64) runs through qemu-user-static
+#: and binfmt_misc (see ``binfmt_problems``).
+ARCHES: tuple[str, ...] = ("amd64", "arm64")
+ARCH = "amd64"
+#: The binfmt_misc entry (qemu-user-static, update-binfmts) and emulator of a foreign arch.
+BINFMT: dict[str, str] = {"arm64": "qemu-aarch64"}
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 
 #: Packages baked into the base rootfs.  Do NOT add what the product installs itself
 #: (supervisor, caddy, python3-venv, ...): the tests must see it install them.
@@ -82,11 +89,13 @@ def _host_ca_certs() -> list[tuple[str, bytes]]:
     )
 
 
-def _mmdebstrap_argv(target: Path | None, suite: str = SUITE) -> list[str]:
+def _mmdebstrap_argv(target: Path | None, suite: str = SUITE, arch: str = ARCH) -> list[str]:
     return [
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
+        # Only a foreign arch is named: the amd64 command line (and so its key) stays as it was.
+        *([f"--architectures={arch}"] if arch != ARCH else []),
         "--include=" + ",".join(PACKAGES),
         suite,
         str(target) if target is not None else "<TARGET>",
@@ -94,13 +103,73 @@ def _mmdebstrap_argv(target: Path | None, suite: str = SUITE) -> list[str]:
     ]
 
 
-def rootfs_key(ca_certs: Sequence[tuple[str, bytes]] | None = None, suite: str = SUITE) -> str:
+def binfmt_problems(arch: str) -> list[str]:
+    """What stops this machine from running `arch` binaries (empty: nothing).
+
+    Needs binfmt_misc mounted (``mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc``)
+    and qemu-user-static's entry enabled with the F flag (``update-binfmts --enable
+    qemu-aarch64``), so that the emulator works inside a chroot or container.
+    """
+    if arch == ARCH:
+        return []
+    entry = BINFMT_DIR / BINFMT[arch]
+    if not (BINFMT_DIR / "status").exists():
+        return [
+            f"binfmt_misc is not mounted at {BINFMT_DIR} "
+            f"(mount -t binfmt_misc binfmt_misc {BINFMT_DIR})"
+        ]
+    try:
+        text = entry.read_text()
+    except OSError:
+        return [
+            f"no binfmt entry {entry} for {arch} "
+            "(apt-get install qemu-user-static binfmt-support; "
+            f"update-binfmts --enable {BINFMT[arch]})"
+        ]
+    lines = text.splitlines()
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith("flags:")), "")
+    problems = []
+    if "enabled" not in lines:
+        problems.append(f"{entry} is disabled (update-binfmts --enable {BINFMT[arch]})")
+    if "F" not in flags:
+        problems.append(f"{entry} lacks the F flag: the emulator would not be found in a container")
+    return problems
+
+
+def ensure_binfmt(arch: str) -> list[str]:
+    """Mount binfmt_misc and enable `arch`'s qemu-user-static entry if they are not yet (root),
+    then what still stops it (empty: nothing)."""
+    if arch == ARCH or not binfmt_problems(arch):
+        return []
+    env = {"PATH": INNER_PATH}
+    if not (BINFMT_DIR / "status").exists():
+        subprocess.run(
+            ["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT_DIR)],
+            env=env,
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+    if not (BINFMT_DIR / BINFMT[arch]).exists() or binfmt_problems(arch):
+        subprocess.run(
+            ["update-binfmts", "--enable", BINFMT[arch]],
+            env=env,
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+    return binfmt_problems(arch)
+
+
+def rootfs_key(
+    ca_certs: Sequence[tuple[str, bytes]] | None = None, suite: str = SUITE, arch: str = ARCH
+) -> str:
     """Cache key: hash of everything that goes into the base rootfs."""
     certs = _host_ca_certs() if ca_certs is None else ca_certs
     h = hashlib.sha256()
     recipe = {
         "recipe": RECIPE_VERSION,
-        "argv": _mmdebstrap_argv(None, suite),
+        "argv": _mmdebstrap_argv(None, suite, arch),
         "suite": suite,
         "packages": list(PACKAGES),
         "mirrors": list(mirrors(suite)),
@@ -143,7 +212,11 @@ def _customize_rootfs(root: Path, ca_certs: Sequence[tuple[str, bytes]]) -> None
 
 
 def build_rootfs(
-    cache_dir: Path | None = None, *, suite: str | None = None, timeout: float = 1800
+    cache_dir: Path | None = None,
+    *,
+    suite: str | None = None,
+    arch: str = ARCH,
+    timeout: float = 1800,
 ) -> Path:
     """Return the cached base rootfs directory, building it first if needed.
 
@@ -157,7 +230,12 @@ def build_rootfs(
     cache_dir.mkdir(parents=True, exist_ok=True)
     certs = _host_ca_certs()
     suite = suite or default_suite()
-    key = rootfs_key(certs, suite)
+    if arch not in ARCHES:
+        raise HostError(f"unknown arch {arch!r}: not one of {', '.join(ARCHES)}")
+    problems = ensure_binfmt(arch)
+    if problems:
+        raise HostError(f"{arch} binaries cannot run here: " + "; ".join(problems))
+    key = rootfs_key(certs, suite, arch)
     final = cache_dir / f"rootfs-{key}"
     if final.is_dir():
         return final
@@ -172,7 +250,7 @@ def build_rootfs(
         log = cache_dir / f"rootfs-{key}.build.log"
         try:
             with open(log, "wb") as log_fh:
-                argv = _mmdebstrap_argv(tmp, suite)
+                argv = _mmdebstrap_argv(tmp, suite, arch)
                 argv[0] = tool("mmdebstrap")
                 res = subprocess.run(
                     argv,

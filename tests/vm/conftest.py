@@ -1,6 +1,12 @@
-"""Fixtures for the VM tier: the cached Debian 12 cloud image, dist/ served over HTTP on the
+"""Fixtures for the VM tier: the cached Debian cloud images, dist/ served over HTTP on the
 host's loopback (the guest reaches it at 10.0.2.2), user data rendered by the built agent's own
 `devpi-agent user-data`, and VMs that are always stopped.
+
+A module that sets ``SUITES = ("bookworm", "trixie")`` runs once per Debian release (its
+module fixtures, VMs included, are made per release; test ids end in ``[trixie]``); others run on
+bookworm. ``VARIANT = "first-boot"`` boots the Ubuntu-like image (vmimage.py says what it adds);
+``DEVPI_AGENT_VM_VARIANT`` overrides a module's variant for a whole run (``plain`` to measure
+the plain image). Modules without either boot bookworm's plain image.
 
 These tests never skip: on a machine that cannot run them they fail and say what is missing.
 """
@@ -28,7 +34,16 @@ REPO = _HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from qemu import VM, VMError, make_seed, remove_workdir  # noqa: E402
-from vmimage import REQUIRED_TOOLS, Image, ImageError, build_image  # noqa: E402
+from vmimage import (  # noqa: E402
+    REQUIRED_TOOLS,
+    SUITE,
+    SUITES,
+    VARIANT,
+    VARIANTS,
+    Image,
+    ImageError,
+    build_image,
+)
 
 DIST = REPO / "dist" / "devpi-agent"
 CACHE_DIR = Path(os.environ.get("DEVPI_AGENT_TEST_CACHE") or "/var/cache/devpi-agent-tests")
@@ -43,8 +58,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.vm)
 
 
-@pytest.fixture(scope="session")
-def vm_image() -> Image:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "suite" in metafunc.fixturenames:
+        suites = getattr(metafunc.module, "SUITES", (SUITE,))
+        unknown = set(suites) - set(SUITES)
+        assert not unknown, f"{metafunc.module.__name__}: unknown suites {unknown}"
+        metafunc.parametrize("suite", list(suites), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def suite(request: pytest.FixtureRequest) -> str:
+    """The Debian release of this module's VMs (see the module docstring)."""
+    return str(getattr(request, "param", None) or SUITE)
+
+
+@pytest.fixture(scope="module")
+def variant(request: pytest.FixtureRequest) -> str:
+    """The image variant of this module's VMs: plain or first-boot (Ubuntu-like)."""
+    chosen = os.environ.get("DEVPI_AGENT_VM_VARIANT") or getattr(request.module, "VARIANT", VARIANT)
+    assert chosen in VARIANTS, f"DEVPI_AGENT_VM_VARIANT={chosen!r}: not one of {VARIANTS}"
+    return str(chosen)
+
+
+@pytest.fixture(scope="module")
+def vm_image(suite: str, variant: str) -> Image:
     problems = []
     if os.geteuid() != 0:
         problems.append("must run as root (mmdebstrap --mode=root)")
@@ -60,10 +97,11 @@ def vm_image() -> Image:
         pytest.fail("VM tests cannot run here: " + "; ".join(problems), pytrace=False)
     started = time.monotonic()
     try:
-        image = build_image(CACHE_DIR)
+        image = build_image(CACHE_DIR, suite, variant)
     except ImageError as error:
-        pytest.fail(f"building the VM image failed: {error}", pytrace=False)
-    print(f"VM image {image.disk.parent} ready in {time.monotonic() - started:.1f}s")
+        pytest.fail(f"building the {suite} {variant} VM image failed: {error}", pytrace=False)
+    seconds = time.monotonic() - started
+    print(f"{suite} {variant} VM image {image.disk.parent} ready in {seconds:.1f}s")
     return image
 
 

@@ -1,10 +1,18 @@
-"""The path most users take, end to end: a fresh Debian 12 cloud VM boots the project's user data
-(rendered by the built agent's `devpi-agent user-data` from units/cloud-init.yaml.j2, the template
-of the committed cloud-init.yaml), downloads the agent from the host, checks its sha256, converges;
-then the real clients work through the forwarded HTTPS port, a reboot brings the server back
-without a second run, and no password is in any log.
+"""The path most users take, end to end: a fresh Debian cloud VM (12 and 13) boots the project's
+user data (rendered by the built agent's `devpi-agent user-data` from units/cloud-init.yaml.j2, the
+template of the committed cloud-init.yaml), downloads the agent from the host, checks its sha256,
+converges; then the real clients work through the forwarded HTTPS port, a reboot brings the server
+back without a second run, and no password is in any log.
 
-One VM per module (qemu TCG: ~5 min to converge); the tests check one thing each.
+The VM is the Ubuntu-like first boot (vmimage.py's first-boot variant): no apt lists, apt-daily
+refreshing them (holding their lock) as cloud-final starts, then unattended-upgrade, needrestart
+restarting services by itself. The boot converges anyway with no failed step, and the agent's
+log says how long apply waited for apt's locks. (``DEVPI_AGENT_VM_VARIANT=plain`` boots the plain
+image instead, for its figures; the first-boot test then checks that none of that happened.)
+
+One VM per module (qemu TCG: 8-13 min to converge); the tests check one thing each. This module
+boots bookworm; test_cloud_init_vm_trixie.py runs the same tests on trixie, as its own file so that
+`make test`'s two workers boot the two releases side by side.
 """
 
 from __future__ import annotations
@@ -36,10 +44,16 @@ PACKAGE = "devpi-agent-vm-canary"
 CADDY_CA = "/var/lib/caddy/.local/share/caddy/pki/authorities/local/root.crt"
 USER_DATA_LIMIT = 16 * 1024
 BOOT_TIMEOUT = 1800  # bounded; ~8 min on an idle 2-core machine, far more when it is shared
+SUITES: tuple[str, ...] = ("bookworm",)
+VARIANT = "first-boot"
+AGENT_LOG = "/var/log/devpi-agent/agent.core.log"
+APT_DAILY = ("apt-daily.service", "apt-daily-upgrade.service")
 
 
 @dataclass
 class Booted:
+    suite: str
+    variant: str
     vm: VM
     site: Site
     user_data: str
@@ -49,7 +63,11 @@ class Booted:
 
 @pytest.fixture(scope="module")
 def booted(
-    make_vm: VMFactory, agent_server: AgentServer, tmp_path_factory: pytest.TempPathFactory
+    make_vm: VMFactory,
+    agent_server: AgentServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    suite: str,
+    variant: str,
 ) -> Iterator[Booted]:
     port = free_port()
     user_data = render_user_data(
@@ -76,13 +94,13 @@ def booted(
     except Exception:
         print(console_on_failure(vm))
         raise
-    print(f"boot to cloud-init finished (converged): {ready:.0f}s")
+    print(f"{suite} {variant}: boot to cloud-init finished (converged): {ready:.0f}s")
     workdir = tmp_path_factory.mktemp("vm-clients")
     ca = workdir / "caddy-root.crt"
     ca.write_text(vm.read(CADDY_CA) if vm.exec(f"test -e {CADDY_CA}").returncode == 0 else "")
     bundle = make_ca_bundle(ca, workdir / "ca-bundle.pem")
     site = Site("localhost", port, "devops/pypi", "devops", PASSWORD, bundle)
-    yield Booted(vm, site, user_data, ready, workdir)
+    yield Booted(suite, variant, vm, site, user_data, ready, workdir)
 
 
 def test_user_data_is_valid_and_small(booted: Booted, tmp_path: Path) -> None:
@@ -101,7 +119,60 @@ def test_cloud_init_done_without_errors(booted: Booted) -> None:
     assert "status: done" in status.stdout
     result = json.loads(booted.vm.read("/run/cloud-init/result.json"))
     assert result["v1"]["errors"] == []
-    print(f"boot-to-ready: {booted.ready_seconds:.0f}s")
+    print(f"{booted.suite} {booted.variant}: boot-to-ready {booted.ready_seconds:.0f}s")
+
+
+def _usec(vm: VM, unit: str, prop: str) -> int:
+    return int(vm.output(f"systemctl show -p {prop} --value {unit}").strip() or 0)
+
+
+def test_first_boot_apt_housekeeping(booted: Booted) -> None:
+    """apt-daily refreshed the missing lists while cloud-final ran the agent, unattended-upgrade
+    ran too, and apply waited for their locks, then converged with no failed step."""
+    vm = booted.vm
+    events = [json.loads(line) for line in vm.read(AGENT_LOG).splitlines()]
+    recaps = [e for e in events if e.get("event") == "recap"]
+    assert len(recaps) == 1 and recaps[0]["failed"] == 0, recaps
+    waits = [e for e in events if e.get("event") == "waiting for apt's locks"]
+    freed = [e["waited"] for e in events if e.get("event") == "apt locks free"]
+    installed = vm.exec("dpkg-query -W unattended-upgrades needrestart").returncode == 0
+    failed_units = vm.output("systemctl list-units --failed --plain --no-legend").strip()
+    print(
+        f"{booted.suite} {booted.variant}: apply waited {sum(freed):.1f} s for apt's locks "
+        f"({[w['holders'] for w in waits]}; each wait {freed}); failed units: {failed_units!r}"
+    )
+    if booted.variant == "plain":
+        assert not installed and not waits
+        return
+    assert installed
+    for timer in ("apt-daily.timer", "apt-daily-upgrade.timer"):
+        assert vm.output(f"systemctl is-enabled {timer}").strip() == "enabled"
+    final_start = _usec(vm, "cloud-final.service", "ExecMainStartTimestampMonotonic")
+    final_end = _usec(vm, "cloud-final.service", "ExecMainExitTimestampMonotonic")
+    for unit in APT_DAILY:
+        # Each fired during this boot, by its timer, and finished without failing (bounded:
+        # unattended-upgrade may still run after the bootstrap).
+        deadline = time.monotonic() + 900
+        while (
+            _usec(vm, unit, "ExecMainExitTimestampMonotonic") == 0
+            or vm.output(f"systemctl show -p ActiveState --value {unit}").strip() != "inactive"
+        ):
+            assert time.monotonic() < deadline, f"{unit} did not run and finish"
+            time.sleep(5)
+        assert vm.output(f"systemctl show -p Result --value {unit}").strip() == "success", unit
+    daily_start = _usec(vm, APT_DAILY[0], "ExecMainStartTimestampMonotonic")
+    daily_end = _usec(vm, APT_DAILY[0], "ExecMainExitTimestampMonotonic")
+    # apt-daily was refreshing the lists while cloud-final (the agent's unit) ran.
+    assert daily_start < final_end and daily_end > final_start, (daily_start, daily_end)
+    print(
+        f"{booted.suite}: apt-daily ran {(daily_end - daily_start) / 1e6:.0f} s, from "
+        f"{(daily_start - final_start) / 1e6:+.0f} s after cloud-final started"
+    )
+    # Whether apply met their locks depends on how fast apt-daily is: every wait it began ended
+    # (and apply converged, above); the figure is printed.
+    assert len(freed) == len(waits), (waits, freed)
+    assert vm.exec("ls /var/lib/apt/lists/*_Packages*").returncode == 0
+    assert "apt-daily" not in failed_units and "cloud-" not in failed_units, failed_units
 
 
 def test_agent_converged_once(booted: Booted, agent_server: AgentServer) -> None:

@@ -1,10 +1,20 @@
-"""A cached Debian 12 cloud VM image for the VM tests: built with mmdebstrap, packed with
-``mkfs.ext4 -d`` onto a sparse raw disk, booted with its own kernel and initrd (no bootloader).
+"""Cached Debian cloud VM images for the VM tests, one per release (bookworm, trixie) and variant:
+built with mmdebstrap, packed with ``mkfs.ext4 -d`` onto a sparse raw disk, booted with their own
+kernel and initrd (no bootloader).
 
 Baked in for the test environment only (none of it is the product's business): the NoCloud
 datasource, /etc/hosts, a resolver for qemu's user network, this machine's CA certificates (TLS
 here goes through a local CA), an emptied machine-id, and qemu-guest-agent so the test can ask
 the guest what happened without SSH.
+
+The ``first-boot`` variant adds what an Ubuntu 24.04 cloud image does on its first boot:
+unattended-upgrades with the apt-daily and apt-daily-upgrade timers enabled (and made to fire at
+boot: apt-daily starts as cloud-final starts and refreshes the missing lists, holding
+``/var/lib/apt/lists/lock``, then unattended-upgrade runs), and needrestart restarting services by
+itself as Ubuntu's does. Every image starts without apt lists, as a cloud image does.
+
+Each image is ``<cache>/vm-<key>/`` (``recipe.json`` names its release and variant); only the
+newest image of each release and variant is kept.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+SUITES: tuple[str, ...] = ("bookworm", "trixie")
 SUITE = "bookworm"
+VARIANTS: tuple[str, ...] = ("plain", "first-boot")
+VARIANT = "plain"
 #: What a stock Debian cloud image has that matters here, plus the guest agent (test only).
 PACKAGES: tuple[str, ...] = (
     "systemd-sysv",
@@ -36,11 +49,22 @@ PACKAGES: tuple[str, ...] = (
     "python3",
     "qemu-guest-agent",
 )
-MIRRORS: tuple[str, ...] = (
-    f"deb http://deb.debian.org/debian {SUITE} main",
-    f"deb http://deb.debian.org/debian {SUITE}-updates main",
-    f"deb http://deb.debian.org/debian-security {SUITE}-security main",
-)
+#: A release's own extra packages: cloud-init 25 (trixie) fails its resizefs module without
+#: resize2fs, which stock cloud images have (minbase does not).
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"trixie": ("e2fsprogs",)}
+#: What the first-boot variant adds: an Ubuntu cloud image's apt housekeeping.
+FIRST_BOOT_PACKAGES: tuple[str, ...] = ("unattended-upgrades", "needrestart")
+
+
+def mirrors(suite: str) -> tuple[str, ...]:
+    return (
+        f"deb http://deb.debian.org/debian {suite} main",
+        f"deb http://deb.debian.org/debian {suite}-updates main",
+        f"deb http://deb.debian.org/debian-security {suite}-security main",
+    )
+
+
+MIRRORS: tuple[str, ...] = mirrors(SUITE)
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 DISK_SIZE = "6G"
 #: Bump when the customisation below changes (it is part of the cache key).
@@ -66,6 +90,49 @@ FILES: dict[str, str] = {
         "source /etc/network/interfaces.d/*\n\nauto lo\niface lo inet loopback\n"
     ),
 }
+#: A release's own files (on top of FILES). cloud-init 25 (trixie) adds DHCPv6 to its fallback
+#: network config, which qemu's user network does not answer: ifup then holds networking.service
+#: for its 5 min timeout and fails. The NIC (qemu's first virtio-net, ens3) gets DHCPv4 only.
+SUITE_FILES: dict[str, dict[str, str]] = {
+    "trixie": {
+        "etc/cloud/cloud.cfg.d/91-devpi-agent-tests-network.cfg": (
+            "network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n"
+        ),
+        # No sshd here: cloud-init 25 reports each host key it cannot make as an error, which
+        # makes `cloud-init status` exit 2 (degraded).
+        "etc/cloud/cloud.cfg.d/92-devpi-agent-tests-ssh.cfg": "ssh_genkeytypes: []\n",
+    },
+}
+#: The first-boot variant's files (on top of FILES).
+FIRST_BOOT_FILES: dict[str, str] = {
+    # As Ubuntu ships it: refresh the lists and run unattended-upgrade every day.
+    "etc/apt/apt.conf.d/20auto-upgrades": (
+        'APT::Periodic::Update-Package-Lists "1";\nAPT::Periodic::Unattended-Upgrade "1";\n'
+    ),
+    # The stock timers fire at 6:00/18:00 plus up to 12 h; here they fire at boot.
+    "etc/systemd/system/apt-daily.timer.d/first-boot.conf": (
+        "[Timer]\nOnBootSec=1s\nRandomizedDelaySec=0\n"
+    ),
+    # cloud-init orders cloud-final Before=apt-daily.service (on Debian and Ubuntu), so a
+    # timer's apt-daily waits until the bootstrap is done. Make it run as cloud-final starts,
+    # as on the hosts where user data met apt's locks: the queued job, started again with
+    # ignore-dependencies, loses its ordering and runs now.
+    "etc/systemd/system/cloud-final.service.d/apt-daily-now.conf": (
+        "[Service]\nExecStartPre=-/usr/bin/systemctl start --no-block"
+        " --job-mode=ignore-dependencies apt-daily.service\n"
+    ),
+    # Then unattended-upgrade (apt-daily-upgrade.service is ordered after apt-daily).
+    "etc/systemd/system/apt-daily-upgrade.timer.d/first-boot.conf": (
+        "[Timer]\nOnBootSec=1s\nRandomizedDelaySec=0\n"
+    ),
+    # Ubuntu 24.04's needrestart restarts services by itself after every apt run, but not
+    # cloud-init's own units (cloud-init#5109).
+    "etc/needrestart/conf.d/90-ubuntu-like.conf": (
+        "$nrconf{restart} = 'a';\n$nrconf{override_rc}{qr(^cloud-)} = 0;\n"
+    ),
+}
+#: Units the first-boot variant checks are enabled once it is built.
+FIRST_BOOT_TIMERS: tuple[str, ...] = ("apt-daily.timer", "apt-daily-upgrade.timer")
 REQUIRED_TOOLS: tuple[str, ...] = ("mmdebstrap", "mkfs.ext4", "chroot", "debugfs")
 
 
@@ -79,6 +146,8 @@ class Image:
     kernel: Path
     initrd: Path
     key: str
+    suite: str = SUITE
+    variant: str = VARIANT
 
 
 def _host_ca_certs() -> list[tuple[str, bytes]]:
@@ -91,23 +160,38 @@ def _host_ca_certs() -> list[tuple[str, bytes]]:
     )
 
 
-def _mmdebstrap_argv(target: str) -> list[str]:
+def _packages(variant: str, suite: str = SUITE) -> tuple[str, ...]:
+    extra = FIRST_BOOT_PACKAGES if variant == "first-boot" else ()
+    return PACKAGES + SUITE_PACKAGES.get(suite, ()) + extra
+
+
+def _files(variant: str, suite: str = SUITE) -> dict[str, str]:
+    return {
+        **FILES,
+        **SUITE_FILES.get(suite, {}),
+        **(FIRST_BOOT_FILES if variant == "first-boot" else {}),
+    }
+
+
+def _mmdebstrap_argv(target: str, suite: str = SUITE, variant: str = VARIANT) -> list[str]:
     return [
         "mmdebstrap",
         "--variant=minbase",
         "--mode=root",
-        "--include=" + ",".join(PACKAGES),
-        SUITE,
+        "--include=" + ",".join(_packages(variant, suite)),
+        suite,
         target,
-        *MIRRORS,
+        *mirrors(suite),
     ]
 
 
-def image_key(certs: list[tuple[str, bytes]]) -> str:
+def image_key(certs: list[tuple[str, bytes]], suite: str = SUITE, variant: str = VARIANT) -> str:
+    # The release and variant are in the command line and the files: bookworm's plain image
+    # keeps the key it had before there were others.
     recipe = {
         "recipe": RECIPE_VERSION,
-        "argv": _mmdebstrap_argv("<TARGET>"),
-        "files": FILES,
+        "argv": _mmdebstrap_argv("<TARGET>", suite, variant),
+        "files": _files(variant, suite),
         "disk": DISK_SIZE,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
@@ -134,8 +218,10 @@ def _run(argv: list[str], log: Path, timeout: float = 1800) -> None:
         raise ImageError(f"{argv[0]} failed (exit {result.returncode}); log {log}:\n{tail}")
 
 
-def _customize(root: Path, certs: list[tuple[str, bytes]], log: Path) -> None:
-    for relative, text in FILES.items():
+def _customize(
+    root: Path, certs: list[tuple[str, bytes]], suite: str, variant: str, log: Path
+) -> None:
+    for relative, text in _files(variant, suite).items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_symlink():
@@ -148,6 +234,10 @@ def _customize(root: Path, certs: list[tuple[str, bytes]], log: Path) -> None:
         dest.write_bytes(data)
         dest.chmod(0o644)
     _run(["chroot", str(root), "update-ca-certificates"], log)
+    if variant == "first-boot":
+        for timer in FIRST_BOOT_TIMERS:
+            if not (root / "etc/systemd/system/timers.target.wants" / timer).exists():
+                raise ImageError(f"{timer} is not enabled in the image")
     # A cloud instance starts without logs or apt lists of its own build.
     for leftover in ("var/lib/apt/lists", "var/cache/apt/archives"):
         for entry in (root / leftover).glob("*"):
@@ -163,8 +253,21 @@ def _boot_files(root: Path) -> tuple[Path, Path]:
     return kernels[0], initrds[0]
 
 
-def build_image(cache_dir: Path) -> Image:
-    """The cached image for the current recipe, built first if needed (under a lock)."""
+def _flavour(directory: Path) -> tuple[str, str]:
+    """(suite, variant) of a cached image; one without recipe.json is bookworm's plain image
+    (the only kind there was before)."""
+    try:
+        recipe = json.loads((directory / "recipe.json").read_text())
+        return str(recipe["suite"]), str(recipe["variant"])
+    except (OSError, ValueError, KeyError):
+        return SUITE, VARIANT
+
+
+def build_image(cache_dir: Path, suite: str = SUITE, variant: str = VARIANT) -> Image:
+    """The cached image of `suite` and `variant` for the current recipe, built first if needed
+    (under a lock)."""
+    if suite not in SUITES or variant not in VARIANTS:
+        raise ImageError(f"no VM image recipe for {suite!r} {variant!r}")
     missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
     if missing:
         raise ImageError(
@@ -172,9 +275,9 @@ def build_image(cache_dir: Path) -> Image:
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
     certs = _host_ca_certs()
-    key = image_key(certs)
+    key = image_key(certs, suite, variant)
     final = cache_dir / f"vm-{key}"
-    image = Image(final / "disk.raw", final / "vmlinuz", final / "initrd.img", key)
+    image = Image(final / "disk.raw", final / "vmlinuz", final / "initrd.img", key, suite, variant)
     if final.is_dir():
         return image
     with open(cache_dir / "vm.lock", "w") as lock:
@@ -186,21 +289,24 @@ def build_image(cache_dir: Path) -> Image:
         work = cache_dir / f".tmp-vm-{key}-{os.getpid()}"
         work.mkdir()
         log = cache_dir / f"vm-{key}.build.log"
-        log.write_bytes(b"")
+        log.write_bytes(f"# {suite} {variant}\n".encode())
         try:
             root = work / "root"
-            _run(_mmdebstrap_argv(str(root)), log)
-            _customize(root, certs, log)
+            _run(_mmdebstrap_argv(str(root), suite, variant), log)
+            _customize(root, certs, suite, variant, log)
             kernel, initrd = _boot_files(root)
             shutil.copyfile(kernel, work / "vmlinuz")
             shutil.copyfile(initrd, work / "initrd.img")
             _run(["truncate", "-s", DISK_SIZE, str(work / "disk.raw")], log)
             _run(["mkfs.ext4", "-q", "-L", "root", "-d", str(root), str(work / "disk.raw")], log)
             shutil.rmtree(root)
+            (work / "recipe.json").write_text(
+                json.dumps({"suite": suite, "variant": variant, "key": key}) + "\n"
+            )
             os.rename(work, final)
-            # Only the current recipe's image is kept: each one is ~1 GB on disk.
+            # Only the current recipe's image of each release and variant is kept: ~0.6-1 GB.
             for old in cache_dir.glob("vm-*"):
-                if old != final and old.is_dir():
+                if old != final and old.is_dir() and _flavour(old) == (suite, variant):
                     shutil.rmtree(old, ignore_errors=True)
                     old.with_name(old.name + ".build.log").unlink(missing_ok=True)
         except BaseException:
@@ -213,4 +319,4 @@ if __name__ == "__main__":  # pragma: no cover - manual use: build the image and
     import sys
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.gettempdir())
-    print(build_image(target))
+    print(build_image(target, *sys.argv[2:4]))
