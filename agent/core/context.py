@@ -11,7 +11,7 @@ A step looks at the host, compares with the config, and acts only on the differe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,6 +48,16 @@ class Context:
         # the step already said so in its own words ("remove X (backup.enabled = false)").
         if not any(str(change.path) in said for said in self.changes):
             self.change(change.what)
+
+    def fork(self) -> Context:
+        """A context for a step that runs beside the others (core/engine.py): its own changes,
+        file records and log binding; the same host, runner and pending markers."""
+        return replace(
+            self,
+            files=self.files.fork(),
+            changes=[],
+            _pending_in_memory=self._pending_in_memory,
+        )
 
     def change(self, description: str, **details: Any) -> bool:
         """Record a change; True if it should be carried out (False in check mode)."""
@@ -98,6 +108,11 @@ class Step:
       a failure raises ``StepFailed`` with a message for a person;
     - a docstring whose first line says what it converges (``devpi-agent plan`` prints it).
 
+    - optionally ``can_start_early(ctx) -> bool``: True when, on this run, the step needs
+      nothing the steps before it make; the engine then starts it at the beginning of the run,
+      beside them, and takes its result when the run reaches it (the venv builds while apt
+      installs).
+
     It imports agent.host, agent.facts and agent.core, never another step
     (docs/architecture.md). The list of steps, in order, is agent/steps/__init__.py.
     """
@@ -105,6 +120,7 @@ class Step:
     name: str
     converge: Callable[[Context], None]
     description: str
+    can_start_early: Callable[[Context], bool] | None = None
 
     @classmethod
     def of(cls, module: ModuleType) -> Step:
@@ -124,4 +140,5 @@ class Step:
         if lacking:
             raise TypeError(f"step module {module.__name__} lacks {', '.join(lacking)}")
         assert isinstance(name, str) and converge is not None
-        return cls(name, converge, doc.splitlines()[0])
+        early = getattr(module, "can_start_early", None)
+        return cls(name, converge, doc.splitlines()[0], early if callable(early) else None)

@@ -20,6 +20,7 @@ import re
 import shlex
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -32,6 +33,7 @@ from agent.core.resources import units_dir
 
 # Directories the agent made for configured paths, one path a line.
 OWNED_DIRS = Path("/var/lib/devpi-agent/owned-dirs")
+_OWNED_DIRS_LOCK = threading.Lock()
 
 
 class DirectoryNotOwned(Exception):
@@ -222,6 +224,10 @@ class Files:
         # that runs): one accounting path, so no diff belongs to a step that reports ok.
         self.on_change: Callable[[FileChange], None] | None = None
 
+    def fork(self) -> Files:
+        """The same host, with a change list of its own: for a step that runs beside others."""
+        return Files(check=self.check, root=self.root, chown=self.chown)
+
     def _record(self, change: FileChange) -> None:
         self.changes.append(change)
         if self.on_change is not None:
@@ -365,11 +371,13 @@ class Files:
         """Written (and synced) before the mkdir: a killed run's directory is still ours."""
         if self.check:
             return
-        owned = self.owned_dirs() | {Path(os.path.normpath(path))}
-        data = "".join(f"{p}\n" for p in sorted(owned, key=str)).encode()
-        real = self.host_path(OWNED_DIRS)
-        real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(real, data, mode=0o600, owner=None)
+        # A read-modify-write of one file, and steps may run side by side (core/engine.py).
+        with _OWNED_DIRS_LOCK:
+            owned = self.owned_dirs() | {Path(os.path.normpath(path))}
+            data = "".join(f"{p}\n" for p in sorted(owned, key=str)).encode()
+            real = self.host_path(OWNED_DIRS)
+            real.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(real, data, mode=0o600, owner=None)
 
     def _converge_dir(
         self,

@@ -16,6 +16,8 @@ AGENT_ETC = Path("/etc/devpi-agent")
 # The agent's own state: pending markers, memo, records of upgrades in flight.
 STATE_DIR = Path("/var/lib/devpi-agent")
 PENDING_DIR = STATE_DIR / "pending"
+# An export/import upgrade in flight (steps/upgrade.py); the venv step reads it too.
+UPGRADE_RECORD = STATE_DIR / "upgrade.json"
 # The last result of each kind of run (core/status.py), readable by monitoring.
 STATUS_DIR = STATE_DIR / "status"
 # The system's CA bundle (Debian's and Ubuntu's ca-certificates).

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import sh
 
@@ -69,13 +69,23 @@ class Runner(Protocol):
 
 
 class _Progress:
-    """One self-overwriting status line on a terminal, so long steps visibly move."""
+    """One self-overwriting status line on a terminal, so long steps visibly move.
+
+    Steps may run side by side (core/engine.py): the line then shows every running command.
+    """
+
+    _running: ClassVar[list[_Progress]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.enabled = sys.stderr.isatty()
         self.started = time.monotonic()
         self.last_draw = 0.0
+        self.text = ""
+        if self.enabled:
+            with self._lock:
+                self._running.append(self)
 
     def __call__(self, line: str) -> None:
         if not self.enabled:
@@ -84,15 +94,28 @@ class _Progress:
         if now - self.last_draw < 0.1:
             return
         self.last_draw = now
+        self.text = redactor(line.strip().replace("\r", " "))
+        with self._lock:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
         width = shutil.get_terminal_size((80, 20)).columns
-        text = redactor(line.strip().replace("\r", " "))
-        status = f"  {self.label} [{now - self.started:5.1f}s] {text}"
-        sys.stderr.write("\r\x1b[K" + status[: width - 1])
+        share = max(20, (width - 1) // max(1, len(self._running)))
+        parts = [
+            f"  {bar.label} [{now - bar.started:5.1f}s] {bar.text}"[:share] for bar in self._running
+        ]
+        sys.stderr.write("\r\x1b[K" + "".join(parts)[: width - 1])
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self._lock:
+            if self in self._running:
+                self._running.remove(self)
             sys.stderr.write("\r\x1b[K")
+            if self._running:
+                self._draw(time.monotonic())
             sys.stderr.flush()
 
 

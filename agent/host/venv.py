@@ -12,8 +12,9 @@ from pathlib import Path
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.devpilock import Pin, normalise, parse_lock, shipped_lock
-from agent.core.paths import DEVPI_RESTART, SYSTEM_CA_BUNDLE, VENV_BUILD
+from agent.core.paths import DEVPI_RESTART, SYSTEM_CA_BUNDLE, UPGRADE_RECORD, VENV_BUILD
 from agent.core.runner import CommandFailed
+from agent.facts.system import installed_packages
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # In the venv: the lock it was built from (a different lock is a venv change), and the
@@ -72,6 +73,20 @@ def wanted_lock(ctx: Context) -> str | None:
 
 def source_of(ctx: Context) -> str:
     return str(ctx.config.devpi.lock_file or "the lock shipped in the agent")
+
+
+def builds_beside_earlier_steps(ctx: Context) -> bool:
+    """True for a first build whose installer is already on the host.
+
+    Only a venv that does not exist yet: an existing one may be moved aside by an export/import
+    upgrade, which must run first (so must the undo of an upgrade that was cut short).
+    """
+    if ctx.files.exists(ctx.config.devpi.venv / "bin" / "python"):
+        return False
+    if ctx.files.exists(UPGRADE_RECORD) or ctx.is_pending(VENV_BUILD):
+        return False
+    # python3 -m venv needs python3-venv, which the apt step installs.
+    return "python3-venv" in installed_packages(ctx.runner, ["python3-venv"])
 
 
 def ensure_venv(ctx: Context) -> None:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.core.context import Context, StepFailed
-from agent.core.paths import DEVPI_RESTART, STATE_DIR, VENV_BUILD
+from agent.core.paths import DEVPI_RESTART, UPGRADE_RECORD, VENV_BUILD
 from agent.core.runner import CommandFailed
 from agent.host import devpi_swap
 from agent.host.devpi_data import (
@@ -36,7 +36,7 @@ from agent.host.supervisor import warm_mirror
 from agent.host.venv import ensure_venv, installed_versions
 
 NAME = "devpi-upgrade"
-RECORD = STATE_DIR / "upgrade.json"
+RECORD = UPGRADE_RECORD
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,14 @@ Root owns the venv, so the service user cannot change the code it runs (host/ven
 from __future__ import annotations
 
 from agent.core.context import Context
-from agent.host.venv import ensure_venv
+from agent.host.venv import builds_beside_earlier_steps, ensure_venv
 
 NAME = "venv"
+
+
+def can_start_early(ctx: Context) -> bool:
+    """A first build that needs nothing apt installs runs while apt works (core/engine.py)."""
+    return builds_beside_earlier_steps(ctx)
 
 
 def converge(ctx: Context) -> None:

@@ -854,7 +854,7 @@ def test_report_json_and_recap(tmp_path: Path) -> None:
     assert (document["changed"], document["failed"]) == (1, 1)
     assert [s["name"] for s in document["steps"]] == ["a", "b", "c"]
     for step in document["steps"]:
-        assert set(step) == {"name", "status", "seconds"}
+        assert set(step) == {"name", "status", "seconds", "started"}
         assert isinstance(step["seconds"], float)
     assert [s["status"] for s in document["steps"]] == ["ok", "changed", "failed"]
     json.dumps(document)
