@@ -45,6 +45,9 @@ from clients import (  # noqa: E402
 from nspawn import NspawnHost, build_rootfs, default_cache_dir  # noqa: E402
 
 from agent.core.devpilock import parse_lock, shipped_lock  # noqa: E402
+from agent.host.uv import INDEX_URL as UV_INDEX_URL  # noqa: E402
+from agent.host.uv import pick_wheel as uv_pick_wheel  # noqa: E402
+from agent.host.uv import shipped_pin as uv_shipped_pin  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PASSWORD = "bench-Pw-4b1d9e"
@@ -147,12 +150,12 @@ def first_vs_floor(rootfs: Path, rounds: int) -> tuple[dict[str, Any], NspawnHos
         # time from a proxy or mirror between this machine and PyPI.
         # The peer goes on the other side: even rounds peer, apply, floor; odd rounds floor,
         # apply, peer.
-        measured_floor = floor(rootfs) if number % 2 else None
+        measured_floor = floors_of(rootfs) if number % 2 else None
         measured_peer = None if number % 2 else peer_run()
         seconds, steps, host, ports = first_apply(rootfs)
         for name, value in steps.items():
             step_runs.setdefault(name, []).append(value)
-        pairs.append((seconds, measured_floor or floor(rootfs)))
+        pairs.append((seconds, measured_floor or floors_of(rootfs)))
         peers.append(measured_peer or peer_run())
         log(
             f"round {number + 1}: first apply / floor = {seconds / pairs[-1][1]['floor_s']:.2f},"
@@ -176,6 +179,14 @@ def first_vs_floor(rootfs: Path, rounds: int) -> tuple[dict[str, Any], NspawnHos
             "floor_pip_s": round(statistics.median(f["floor_pip_s"] for _, f in pairs), 2),
             "floor_s": round(statistics.median(floors), 2),
             "floor_runs_s": floors,
+            # The floor with apt and uv at once, as the agent's first apply runs them.
+            "floor_side_by_side_s": round(
+                statistics.median(f["floor_side_by_side_s"] for _, f in pairs), 2
+            ),
+            "first_vs_floor_side_by_side_runs": [
+                round(a / f["floor_side_by_side_s"], 2)
+                for a, (_, f) in zip(firsts, pairs, strict=True)
+            ],
             "first_vs_floor_runs": [round(a / b, 2) for a, b in zip(firsts, floors, strict=True)],
             "beyond_floor_s": round(statistics.median(beyond), 2),
             "beyond_floor_runs_s": [round(x, 2) for x in beyond],
@@ -215,47 +226,76 @@ def noop(host: NspawnHost, runs: int) -> dict[str, Any]:
     }
 
 
-def floor(rootfs: Path) -> dict[str, Any]:
-    """Fetching and installing the same apt and PyPI packages directly, nothing else."""
+# The floor's uv: the same locked wheel the agent fetches, downloaded and checked inside the host.
+_FETCH_UV = """
+import hashlib, sys, urllib.request, zipfile, io, os
+url, digest, member = sys.argv[1:4]
+data = urllib.request.urlopen(url, timeout=120).read()
+assert hashlib.sha256(data).hexdigest() == digest, "uv wheel hash"
+os.makedirs("/root/floor-uv", exist_ok=True)
+with open("/root/floor-uv/uv", "wb") as out:
+    out.write(zipfile.ZipFile(io.BytesIO(data)).read(member))
+os.chmod("/root/floor-uv/uv", 0o755)
+"""
+
+
+def _uv_wheel() -> tuple[str, str, str]:
+    """(URL, sha256, binary's member) of the locked uv wheel for this machine (bench/run.py runs
+    on the hosts' architecture)."""
+    pin = uv_shipped_pin()
+    request = urllib.request.Request(
+        UV_INDEX_URL, headers={"Accept": "application/vnd.pypi.simple.v1+json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        page = json.load(response)
+    _, url, digest = uv_pick_wheel(page, pin, platform.machine())
+    return url, digest, f"uv-{pin.version}.data/scripts/uv"
+
+
+def floors_of(rootfs: Path) -> dict[str, Any]:
+    """Both floors, one after the other: apt then uv, and apt and uv at once."""
+    return {**floor(rootfs), **floor(rootfs, side_by_side=True)}
+
+
+def floor(rootfs: Path, *, side_by_side: bool = False) -> dict[str, Any]:
+    """Fetching and installing the same apt and PyPI packages directly, nothing else: apt, then
+    uv (fetched as the agent fetches it) making the venv and installing the lock as the agent's
+    venv step does. side_by_side: the two at once, as the agent's first apply runs them."""
+    url, digest, member = _uv_wheel()
     with NspawnHost(rootfs) as host:
         host.start(systemd=True)
-        env = {"DEBIAN_FRONTEND": "noninteractive"}
-        apt_s, _ = timed(
-            lambda: host.run(
-                [
-                    "sh",
-                    "-c",
-                    "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
-                    "python3-venv supervisor caddy",
-                ],
-                env=env,
-                timeout=1200,
-            )
-        )
         # The same locked packages the agent installs, hashes checked, nothing resolved: the
-        # wheels in one pip run, then the sdist-only ones built against the locked setuptools.
+        # wheels in one uv run, then the sdist-only ones built against the locked setuptools.
         pins = parse_lock(shipped_lock())
         host.write(
             "/root/floor-wheels.txt", "".join(p.text + "\n" for p in pins if not p.sdist_only)
         )
         host.write("/root/floor-sdists.txt", "".join(p.text + "\n" for p in pins if p.sdist_only))
-        pip = (
-            "PIP_CERT=/etc/ssl/certs/ca-certificates.crt /tmp/floor/bin/pip install -q "
-            "--require-hashes --no-deps"
+        host.write("/root/floor-fetch-uv.py", _FETCH_UV)
+        apt = (
+            "DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+            "apt-get install -y -qq --no-install-recommends supervisor caddy openssl"
         )
-        pip_s, _ = timed(
-            lambda: host.run(
-                [
-                    "sh",
-                    "-c",
-                    f"python3 -m venv /tmp/floor"
-                    f" && {pip} --only-binary :all: -r /root/floor-wheels.txt"
-                    f" && {pip} --no-build-isolation --use-pep517 -r /root/floor-sdists.txt",
-                ],
-                timeout=1200,
-            )
+        install = (
+            "SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_CACHE_DIR=/root/floor-cache "
+            "UV_PYTHON_DOWNLOADS=never /root/floor-uv/uv pip install -q "
+            "--python /root/floor/bin/python "
+            "--require-hashes --no-deps --compile-bytecode --link-mode copy"
         )
-    log(f"floor: apt {apt_s:.1f} s + venv/pip {pip_s:.1f} s = {apt_s + pip_s:.1f} s")
+        venv = (
+            f"python3 /root/floor-fetch-uv.py {url} {digest} {member}"
+            " && /root/floor-uv/uv venv -q --python /usr/bin/python3 /root/floor"
+            f" && {install} --only-binary :all: -r /root/floor-wheels.txt"
+            f" && {install} --no-build-isolation -r /root/floor-sdists.txt"
+        )
+        if side_by_side:
+            both = f"({apt}) & a=$!; ({venv}) & v=$!; wait $a && wait $v"
+            both_s, _ = timed(lambda: host.run(["sh", "-c", both], timeout=1200))
+            log(f"floor side by side: apt and uv at once {both_s:.1f} s")
+            return {"floor_side_by_side_s": round(both_s, 2)}
+        apt_s, _ = timed(lambda: host.run(["sh", "-c", apt], timeout=1200))
+        pip_s, _ = timed(lambda: host.run(["sh", "-c", venv], timeout=1200))
+    log(f"floor: apt {apt_s:.1f} s + uv venv {pip_s:.1f} s = {apt_s + pip_s:.1f} s")
     return {
         "floor_apt_s": round(apt_s, 2),
         "floor_pip_s": round(pip_s, 2),
@@ -555,6 +595,9 @@ def main() -> int:
         host.stop()
     # The median of the side-by-side pairs' ratios (see first_vs_floor).
     figures["first_vs_floor"] = statistics.median(figures["first_vs_floor_runs"])
+    figures["first_vs_floor_side_by_side"] = statistics.median(
+        figures["first_vs_floor_side_by_side_runs"]
+    )
     figures["noop_vs_first"] = round(figures["noop_apply_median_s"] / figures["first_apply_s"], 4)
     figures["first_vs_peer"] = statistics.median(figures["first_vs_peer_runs"])
     figures["peer_noop_vs_noop"] = round(figures["peer_noop_s"] / figures["noop_apply_median_s"], 1)
@@ -583,6 +626,12 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"<= 0.5x; pairs: {', '.join(str(x) for x in r['first_vs_peer_runs'])}); floor "
             f"{r['floor_s']} s: {r['first_vs_floor']}x (target <= 1.2x; median of {r['rounds']} "
             f"side-by-side pairs: {', '.join(str(x) for x in r['first_vs_floor_runs'])})",
+        ),
+        (
+            "floor with apt and uv at once",
+            f"{r['floor_side_by_side_s']} s",
+            f"first apply {r['first_vs_floor_side_by_side']}x it (pairs: "
+            f"{', '.join(str(x) for x in r['first_vs_floor_side_by_side_runs'])})",
         ),
         (
             "first apply beyond its apt and venv steps",

@@ -45,7 +45,7 @@ _LOCK_ERROR = re.compile(
 )
 _NOT_FOUND = re.compile(r"Unable to locate package (?P<package>\S+)")
 # The packages the agent installs that Ubuntu keeps in universe, not main.
-UBUNTU_UNIVERSE = frozenset({"caddy", "supervisor", "python3-venv"})
+UBUNTU_UNIVERSE = frozenset({"caddy", "supervisor"})
 
 
 def apt_options(ctx: Context) -> list[str]:
@@ -189,7 +189,7 @@ def apt_get(ctx: Context, *args: str, timeout: float, progress: str) -> None:
 
 
 def universe_hint(os_id: str, output: str) -> str | None:
-    """On Ubuntu, why apt cannot find caddy, supervisor or python3-venv: they are in universe,
+    """On Ubuntu, why apt cannot find caddy or supervisor: they are in universe,
     which stock images enable and hardened ones may not."""
     if os_id != "ubuntu":
         return None

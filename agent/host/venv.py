@@ -1,7 +1,8 @@
 """The venv devpi runs from: the system python3, the pinned devpi packages, bytecode compiled.
 
-Root owns the venv, so the service user cannot change the code it runs. The venv step converges
-it; an export/import upgrade builds the new one with the same code.
+uv (host/uv.py, itself hash-pinned) makes the venv and installs the lock. Root owns the venv, so
+the service user cannot change the code it runs. The venv step converges it; an export/import
+upgrade builds the new one with the same code.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ from pathlib import Path
 from agent.core.context import Context, StepFailed
 from agent.core.crashpoint import crashpoint
 from agent.core.devpilock import Pin, normalise, parse_lock, shipped_lock
-from agent.core.paths import DEVPI_RESTART, SYSTEM_CA_BUNDLE, UPGRADE_RECORD, VENV_BUILD
+from agent.core.paths import DEVPI_RESTART, UPGRADE_RECORD, VENV_BUILD
 from agent.core.runner import CommandFailed
-from agent.facts.system import installed_packages
+from agent.host.uv import ensure_uv, uv_env
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # In the venv: the lock it was built from (a different lock is a venv change), and the
-# requirement files pip installs from.
+# requirement files uv installs from.
 VENV_LOCK = "devpi-agent.lock"
 _INSTALL_DIR = ".devpi-agent-install"
 # Builds of the lock's sdists write these timestamps, so every host gets the same bytes.
 SOURCE_DATE_EPOCH = "315532800"
-# What a venv holds that no lock names: pip itself (python3 -m venv installs it).
+# What a venv holds that no lock names: pip, in venvs an older agent made with python3 -m venv.
 _NOT_LOCKED = frozenset({"pip"})
 _DIST_INFO = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[^-]+)\.dist-info$")
 
@@ -54,15 +55,6 @@ def missing_pins(ctx: Context) -> list[str]:
     ]
 
 
-def pip_env() -> dict[str, str]:
-    env = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-    # The OS trust store, so a company CA added with update-ca-certificates (TLS-inspecting
-    # proxies) works for pip as it does for apt; pip's bundled certifi would not know it.
-    if SYSTEM_CA_BUNDLE.exists():
-        env["PIP_CERT"] = str(SYSTEM_CA_BUNDLE)
-    return env
-
-
 def wanted_lock(ctx: Context) -> str | None:
     """The lock the venv is built from; None with devpi.unlocked = true."""
     devpi = ctx.config.devpi
@@ -76,17 +68,15 @@ def source_of(ctx: Context) -> str:
 
 
 def builds_beside_earlier_steps(ctx: Context) -> bool:
-    """True for a first build whose installer is already on the host.
+    """True for a first build.
 
     Only a venv that does not exist yet: an existing one may be moved aside by an export/import
     upgrade, which must run first (so must the undo of an upgrade that was cut short).
     """
     if ctx.files.exists(ctx.config.devpi.venv / "bin" / "python"):
         return False
-    if ctx.files.exists(UPGRADE_RECORD) or ctx.is_pending(VENV_BUILD):
-        return False
-    # python3 -m venv needs python3-venv, which the apt step installs.
-    return "python3-venv" in installed_packages(ctx.runner, ["python3-venv"])
+    # uv needs nothing apt installs: only the system python3 and the network.
+    return not (ctx.files.exists(UPGRADE_RECORD) or ctx.is_pending(VENV_BUILD))
 
 
 def ensure_venv(ctx: Context) -> None:
@@ -101,9 +91,22 @@ def ensure_venv(ctx: Context) -> None:
         if ctx.change(f"create venv {venv}{again}"):
             ctx.mark_pending(VENV_BUILD)
             ctx.files.ensure_parent(venv, mode=0o755)
-            # --clear empties a venv (it has a pyvenv.cfg), never a directory that is not one.
+            # --clear empties a venv (it has a pyvenv.cfg); uv refuses a directory that is not one.
             clear = ["--clear"] if ctx.files.exists(venv / "pyvenv.cfg") else []
-            ctx.runner.run([SYSTEM_PYTHON, "-m", "venv", *clear, str(venv)], timeout=300)
+            ctx.runner.run(
+                [
+                    str(ensure_uv(ctx)),
+                    "venv",
+                    "--quiet",
+                    "--no-project",
+                    "--python",
+                    SYSTEM_PYTHON,
+                    *clear,
+                    str(venv),
+                ],
+                env=uv_env(),
+                timeout=300,
+            )
             if not ctx.files.exists(python):
                 raise StepFailed(f"python3 -m venv did not create {python}")
             crashpoint("venv:created")
@@ -123,33 +126,37 @@ def ensure_venv(ctx: Context) -> None:
     locked = parse_lock(lock)
     if ctx.change(f"install {len(locked)} locked packages from {source_of(ctx)} ({record})"):
         ctx.mark_pending(VENV_BUILD)
-        _install_locked(ctx, python, locked)
-        _remove_unlocked(ctx, python, locked)
+        # Fetched only when there is work for it: a no-op never downloads.
+        uv = ensure_uv(ctx)
+        _install_locked(ctx, uv, python, locked)
+        _remove_unlocked(ctx, uv, python, locked)
         still = missing_pins(ctx)
         if still:
-            raise StepFailed(f"pip finished but {' '.join(still)} is not installed")
+            raise StepFailed(f"uv finished but {' '.join(still)} is not installed")
         ctx.mark_pending(DEVPI_RESTART)
     # In plan: the lock's diff against the one the venv was built from.
     ctx.write(record, lock, mode=0o644)
     ctx.clear_pending(VENV_BUILD)
 
 
-def _pip(ctx: Context, python: Path, args: list[str], label: str) -> None:
+def _uv_pip(ctx: Context, uv: Path, python: Path, args: list[str], label: str) -> None:
+    command, *rest = args
     ctx.runner.run(
-        [str(python), "-m", "pip", *args],
-        env={**pip_env(), "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+        [str(uv), "pip", command, "--python", str(python), *rest],
+        env={**uv_env(), "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
         timeout=1800,
         progress=label,
-        # pip compiles bytecode by default (no --no-compile): devpi then starts in 4-10 s
-        # instead of 9-15 s, and the root-owned venv never needs the service user to write.
     )
 
 
-def _install_locked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None:
-    """Every wheel in one pip run (hashes required, nothing resolved), then the sdist-only ones.
+def _install_locked(ctx: Context, uv: Path, python: Path, locked: tuple[Pin, ...]) -> None:
+    """Every wheel in one uv run (hashes required, nothing resolved), then the sdist-only ones.
 
-    pip checks every hash before it installs anything, so a mismatch fails here with the venv
-    as it was. The sdists build without isolation against the locked setuptools just installed.
+    uv downloads and checks every wheel before it installs any, so a mismatch fails here with
+    the venv as it was. The sdists build without isolation against the locked setuptools just
+    installed. Bytecode is compiled (devpi then starts in 4-10 s instead of 9-15 s, and the
+    root-owned venv never needs the service user to write); files are copied out of uv's
+    cache, not hard-linked, so nothing done to the cache reaches the venv.
     """
     staging = ctx.config.devpi.venv / _INSTALL_DIR
     ctx.files.ensure_dir(staging, mode=0o700, record=False)
@@ -158,10 +165,17 @@ def _install_locked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None
         (
             "sdists.txt",
             [p for p in locked if p.sdist_only],
-            ["--no-build-isolation", "--use-pep517"],
+            ["--no-build-isolation"],
         ),
     ]
-    common = ["install", "--no-input", "--progress-bar", "off", "--require-hashes", "--no-deps"]
+    common = [
+        "install",
+        "--require-hashes",
+        "--no-deps",
+        "--compile-bytecode",
+        "--link-mode",
+        "copy",
+    ]
     for name, pins, options in batches:
         if not pins:
             continue
@@ -169,16 +183,17 @@ def _install_locked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None
         text = "".join(f"{pin.text}\n" for pin in pins)
         ctx.files.ensure_file(requirements, text, mode=0o600, record=False)
         try:
-            _pip(
+            _uv_pip(
                 ctx,
+                uv,
                 python,
                 [*common, *options, "-r", str(requirements)],
-                # The wheels' run keeps the plain label: the crash tests' points name it.
-                "pip install" if name == "wheels.txt" else "pip install (sdists)",
+                # The crash tests' points name these labels.
+                "uv pip install" if name == "wheels.txt" else "uv pip install (sdists)",
             )
         except CommandFailed as error:
             output = error.result.stderr + error.result.stdout
-            if "DO NOT MATCH THE HASHES" in output:
+            if "Hash mismatch for" in output:
                 raise StepFailed(
                     "a downloaded package does not match its sha256 hash in the lock "
                     f"({source_of(ctx)}): nothing was installed, the venv and the running "
@@ -189,14 +204,14 @@ def _install_locked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None
     ctx.files.remove(staging / "sdists.txt", record=False)
 
 
-def _remove_unlocked(ctx: Context, python: Path, locked: tuple[Pin, ...]) -> None:
+def _remove_unlocked(ctx: Context, uv: Path, python: Path, locked: tuple[Pin, ...]) -> None:
     """Packages an older lock (or an unlocked build) left that this lock no longer names."""
     venv = ctx.files.host_path(ctx.config.devpi.venv)
     have = installed_versions(sorted(venv.glob("lib/python3*/site-packages")))
     names = {pin.name for pin in locked} | _NOT_LOCKED
     extra = sorted(name for name in have if normalise(name) not in names)
     if extra:
-        _pip(ctx, python, ["uninstall", "--yes", *extra], "pip uninstall")
+        _uv_pip(ctx, uv, python, ["uninstall", *extra], "uv pip uninstall")
 
 
 def _install_unlocked(ctx: Context, python: Path) -> None:
@@ -204,18 +219,25 @@ def _install_unlocked(ctx: Context, python: Path) -> None:
     if not pins:
         ctx.clear_pending(VENV_BUILD)
         return
-    if ctx.change(f"pip install {' '.join(pins)}"):
+    if ctx.change(f"uv pip install {' '.join(pins)}"):
         ctx.mark_pending(VENV_BUILD)
         # No longer what any lock built: a lock later is a reinstall.
         ctx.files.remove(ctx.config.devpi.venv / VENV_LOCK, record=False)
-        _pip(
+        _uv_pip(
             ctx,
+            ensure_uv(ctx),
             python,
-            ["install", "--no-input", "--progress-bar", "off", *ctx.config.devpi.requirements],
-            "pip install",
+            [
+                "install",
+                "--compile-bytecode",
+                "--link-mode",
+                "copy",
+                *ctx.config.devpi.requirements,
+            ],
+            "uv pip install",
         )
         still = missing_pins(ctx)
         if still:
-            raise StepFailed(f"pip finished but {' '.join(still)} is not installed")
+            raise StepFailed(f"uv finished but {' '.join(still)} is not installed")
         ctx.mark_pending(DEVPI_RESTART)
         ctx.clear_pending(VENV_BUILD)

@@ -19,8 +19,9 @@ from agent.facts.system import installed_packages
 from agent.host import apt
 
 NAME = "apt"
-# openssl makes the replication CA and certificates (replica_pki.py).
-PACKAGES = ["python3", "python3-venv", "supervisor", "caddy", "openssl"]
+# openssl makes the replication CA and certificates (replica_pki.py). No python3-venv: uv makes
+# the venv (host/uv.py).
+PACKAGES = ["python3", "supervisor", "caddy", "openssl"]
 LISTS_DIR = Path("/var/lib/apt/lists")
 LISTS_MAX_AGE = 24 * 3600
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")

@@ -192,8 +192,18 @@ def fingerprint(
     ).splitlines()
     prints["dpkg_audit"] = host.output(["dpkg", "--audit"])
     venv_python = "/opt/devpi-agent/venv/bin/python"
-    prints["venv"] = host.output([venv_python, "-m", "pip", "freeze", "--all"]).splitlines()
-    prints["venv_check"] = host.run([venv_python, "-m", "pip", "check"], check=False).returncode
+    # uv made the venv: no pip in it. What is installed, from the dist-infos; uv's own check.
+    listing = (
+        "import importlib.metadata as m; "
+        "print(*sorted(f'{d.name}=={d.version}' for d in m.distributions()), sep='\\n')"
+    )
+    prints["venv"] = host.output([venv_python, "-c", listing]).splitlines()
+    from agent.host.uv import binary_path, shipped_pin  # the repo is on sys.path by now
+
+    uv = str(binary_path(shipped_pin()))
+    prints["venv_check"] = host.run(
+        [uv, "pip", "check", "--python", venv_python], check=False
+    ).returncode
     prints["var_lib"] = host.output(
         [
             "find",

@@ -80,12 +80,14 @@ INSIDE_FIRST_APPLY: dict[str, list[str]] = {
     ],
     "venv": [
         "venv:created",
-        "run:pip install~Collecting",
-        "run:pip install~Installing collected packages",
-        # pip prints nothing while it installs: killed 3 s into that, some packages are in
-        "run:pip install~Installing collected packages@3",
+        # uv prints a line when it has resolved the lock, then downloads every wheel (checking
+        # its hash) before it installs any; killed 1 s after, some are downloaded, none in.
+        "run:uv pip install~Resolved",
+        "run:uv pip install~Resolved@1",
+        # Every wheel copied into the venv, its bytecode not yet compiled.
+        "run:uv pip install~Installed",
         # The sdist-only package built against the locked setuptools, the wheels all in.
-        "run:pip install (sdists)~Building wheel",
+        "run:uv pip install (sdists)~Resolved",
     ],
     "devpi-config": ["devpi-config:written"],
     "devpi-init": ["devpi-init:password-written", "run:devpi-init~"],
@@ -423,9 +425,9 @@ AGENT_PROGRAMS = {
     "apt",
     "dpkg",
     "dpkg-query",
+    "uv",
     "pip",
     "venv",
-    "ensurepip",
     "devpi-init",
     "devpi-gen-secret",
     "runuser",

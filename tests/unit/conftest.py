@@ -257,3 +257,36 @@ def restore_logging() -> Iterator[None]:
         log.agent_log.stream.close()
     log.agent_log.stream = None
     structlog.reset_defaults()
+
+
+# --- uv (agent/host/uv.py) --------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def uv_already_fetched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests never reach PyPI: the locked uv binary counts as fetched, and any download
+    is refused. tests/unit/test_uv_fetch.py tests the fetch itself."""
+    from agent.host import uv
+
+    def no_network(url: str, accept: str | None = None) -> bytes:
+        raise AssertionError(f"a unit test tried to download {url}")
+
+    monkeypatch.setattr(uv, "_get", no_network)
+    monkeypatch.setattr(uv, "_present", lambda ctx, path: True)
+
+
+def uv_binary() -> str:
+    """Where the locked uv is on a host: argv[0] of every uv command."""
+    from agent.host import uv
+
+    return str(uv.binary_path(uv.shipped_pin()))
+
+
+def uv_venv(call: Call) -> bool:
+    """Matcher: `uv venv ...`."""
+    return call.argv[:2] == (uv_binary(), "venv")
+
+
+def uv_pip(command: str) -> Callable[[Call], bool]:
+    """Matcher: `uv pip <command> ...` (install, uninstall)."""
+    return lambda call: call.argv[:3] == (uv_binary(), "pip", command)

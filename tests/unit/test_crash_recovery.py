@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result
+from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result, uv_pip, uv_venv
 
 from agent.core import crashpoint as crash
 from agent.core import paths
@@ -183,7 +183,7 @@ def make_venv(root: Path, *, python: bool = True, pins: bool = True) -> None:
 
 
 def venv_runner(root: Path) -> FakeRunner:
-    """`python3 -m venv` makes an empty venv (--clear empties it); pip installs the pins."""
+    """`uv venv` makes an empty venv (--clear empties it); `uv pip install` installs the pins."""
 
     def make(call: Call) -> Result:
         if "--clear" in call.argv:
@@ -196,8 +196,8 @@ def venv_runner(root: Path) -> FakeRunner:
         return result(call.argv)
 
     runner = FakeRunner()
-    runner.on([host_venv.SYSTEM_PYTHON, "-m", "venv"], make)
-    runner.on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), pip)
+    runner.on(uv_venv, make)
+    runner.on(uv_pip("install"), pip)
     return runner
 
 
@@ -205,11 +205,11 @@ def test_pip_killed_midway_means_a_fresh_venv_next_run(tmp_path: Path) -> None:
     make_venv(tmp_path, pins=False)
 
     def killed(call: Call) -> Result:
-        # pip got as far as the dist-info of every pin, but not through their files.
+        # uv got as far as the dist-info of every pin, but not through their files.
         make_venv(tmp_path)
-        raise Killed("pip")
+        raise Killed("uv")
 
-    runner = FakeRunner().on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), killed)
+    runner = FakeRunner().on(uv_pip("install"), killed)
     with pytest.raises(Killed):
         venv.converge(make_ctx(tmp_path, config(), runner))
     assert host_venv.missing_pins(make_ctx(tmp_path, config(), FakeRunner())) == []
@@ -217,8 +217,8 @@ def test_pip_killed_midway_means_a_fresh_venv_next_run(tmp_path: Path) -> None:
     runner = venv_runner(tmp_path)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    assert runner.calls[0].argv[1:] == ("-m", "venv", "--clear", str(VENV))
-    assert runner.calls[1].argv[1:4] == ("-m", "pip", "install")
+    assert uv_venv(runner.calls[0]) and runner.calls[0].argv[-2:] == ("--clear", str(VENV))
+    assert uv_pip("install")(runner.calls[1])
     assert ctx.is_pending("devpi-server-restart")
     assert not ctx.is_pending(paths.VENV_BUILD)
 
@@ -228,20 +228,20 @@ def test_pip_killed_midway_means_a_fresh_venv_next_run(tmp_path: Path) -> None:
 
 
 def test_venv_creation_killed_is_redone(tmp_path: Path) -> None:
-    """`python3 -m venv` killed in ensurepip: a python, no pip. Next run: made again."""
+    """`uv venv` killed after it made the python. Next run: made again."""
 
     def killed(call: Call) -> Result:
         make_venv(tmp_path, pins=False)
-        raise Killed("ensurepip")
+        raise Killed("uv venv")
 
-    runner = FakeRunner().on([host_venv.SYSTEM_PYTHON, "-m", "venv"], killed)
+    runner = FakeRunner().on(uv_venv, killed)
     with pytest.raises(Killed):
         venv.converge(make_ctx(tmp_path, config(), runner))
 
     runner = venv_runner(tmp_path)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    assert runner.calls[0].argv[1:] == ("-m", "venv", "--clear", str(VENV))
+    assert uv_venv(runner.calls[0]) and runner.calls[0].argv[-2:] == ("--clear", str(VENV))
     assert ctx.changes[0] == f"create venv {VENV} again (the last build was cut short)"
 
 
@@ -249,8 +249,8 @@ def test_venv_without_python_is_made_again(tmp_path: Path) -> None:
     make_venv(tmp_path, python=False)
     runner = venv_runner(tmp_path)
     venv.converge(make_ctx(tmp_path, config(), runner))
-    assert runner.calls[0].argv[1:] == ("-m", "venv", "--clear", str(VENV))
-    assert runner.calls[1].argv[1:4] == ("-m", "pip", "install")
+    assert uv_venv(runner.calls[0]) and runner.calls[0].argv[-2:] == ("--clear", str(VENV))
+    assert uv_pip("install")(runner.calls[1])
 
 
 def test_venv_never_clears_a_directory_that_is_no_venv(tmp_path: Path) -> None:
@@ -259,7 +259,8 @@ def test_venv_never_clears_a_directory_that_is_no_venv(tmp_path: Path) -> None:
     precious.write_text("not a venv")
     runner = venv_runner(tmp_path)
     venv.converge(make_ctx(tmp_path, config(), runner))
-    assert runner.calls[0].argv[1:] == ("-m", "venv", str(VENV))
+    assert uv_venv(runner.calls[0]) and "--clear" not in runner.calls[0].argv
+    assert runner.calls[0].argv[-1] == str(VENV)
 
 
 def test_venv_check_mode_reports_the_rebuild_and_changes_nothing(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Call, FakeRunner, make_ctx, reference_data, result
+from conftest import Call, FakeRunner, make_ctx, reference_data, result, uv_binary, uv_pip
 
 from agent.core.config import Config, ConfigError, parse
 from agent.core.context import StepFailed
@@ -148,8 +148,12 @@ def built_venv(root: Path, lock: str | None, extra: tuple[str, ...] = ()) -> Non
         (root / str(VENV).lstrip("/") / host_venv.VENV_LOCK).write_text(lock)
 
 
-def pip_calls(runner: FakeRunner) -> list[tuple[str, ...]]:
-    return [c.argv[3:] for c in runner.calls if c.argv[1:3] == ("-m", "pip")]
+def uv_pip_calls(runner: FakeRunner) -> list[tuple[str, ...]]:
+    """Each `uv pip` command's words after `--python <venv python>`: (command, *options)."""
+    calls = [c.argv for c in runner.calls if c.argv[:2] == (uv_binary(), "pip")]
+    for argv in calls:
+        assert argv[3:5] == ("--python", str(VENV / "bin/python")), argv
+    return [(argv[2], *argv[5:]) for argv in calls]
 
 
 def test_a_venv_built_from_this_lock_is_left_alone(tmp_path: Path) -> None:
@@ -165,15 +169,16 @@ def test_a_different_lock_reinstalls_removes_what_it_dropped_and_restarts(tmp_pa
     runner = FakeRunner()
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    wheels, sdists, uninstall = pip_calls(runner)
+    wheels, sdists, uninstall = uv_pip_calls(runner)
     assert wheels[0] == "install" and "--only-binary" in wheels
     assert sdists[0] == "install" and "--no-build-isolation" in sdists
-    assert uninstall == ("uninstall", "--yes", "leftover-pkg")  # never pip itself
+    assert uninstall == ("uninstall", "leftover-pkg")  # never pip itself
+    assert {"--require-hashes", "--no-deps", "--compile-bytecode"} <= set(wheels) & set(sdists)
     assert all(c.env and c.env["SOURCE_DATE_EPOCH"] for c in runner.calls)
     assert ctx.is_pending("devpi-server-restart") and not ctx.is_pending("venv-build")
     record = tmp_path / str(VENV).lstrip("/") / host_venv.VENV_LOCK
     assert record.read_text() == shipped_lock()
-    # What pip read: every pin with its hashes, pyramid-chameleon alone in the sdist run.
+    # What uv read: every pin with its hashes, pyramid-chameleon alone in the sdist run.
     staged = tmp_path / str(VENV).lstrip("/") / ".devpi-agent-install"
     assert not list(staged.iterdir())
 
@@ -194,17 +199,20 @@ def test_plan_shows_the_locks_diff_and_changes_nothing(tmp_path: Path) -> None:
 def test_a_hash_mismatch_fails_the_step_and_leaves_the_venv(tmp_path: Path) -> None:
     old = "old lock\n"
     built_venv(tmp_path, old)
+    # uv 0.13.9's words, from a run with a tampered lock (nothing was installed).
     mismatch = (
-        "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.\n"
-        "    idna==3.10 from https://files.pythonhosted.org/idna-3.10-py3-none-any.whl:\n"
-        f"        Expected sha256 {'0' * 64}\n"
-        "             Got        46f9\n"
+        "error: Failed to download `idna==3.10`\n"
+        "  cause: Hash mismatch for `idna==3.10`\n\n"
+        "         Expected:\n"
+        f"           sha256:{'0' * 64}\n\n"
+        "         Computed:\n"
+        "           sha256:946d195a0d259cbba61165e88e65941f16e9b36ea6ddb97f00452bae8b1287d3\n"
     )
 
     def fails(call: Call) -> Any:
         return result(call.argv, rc=1, stderr=mismatch)
 
-    runner = FakeRunner().on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), fails)
+    runner = FakeRunner().on(uv_pip("install"), fails)
     ctx = make_ctx(tmp_path, config(), runner)
     with pytest.raises(StepFailed, match="does not match its sha256 hash") as caught:
         venv.converge(ctx)
@@ -225,7 +233,7 @@ def test_unlocked_resolves_as_before_and_warns(
     ctx = make_ctx(tmp_path, config(unlocked=True), runner)
     with pytest.raises(StepFailed, match=r"devpi-web==5\.1\.1 is not installed"):
         venv.converge(ctx)
-    [install] = pip_calls(runner)
+    [install] = uv_pip_calls(runner)
     assert install[-3:] == ("devpi-server==6.20.3", "devpi-web==5.1.1", "devpi-client==7.3.0")
     assert "--require-hashes" not in install
     assert "devpi.unlocked = true" in capsys.readouterr().out

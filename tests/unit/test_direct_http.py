@@ -108,7 +108,8 @@ def test_the_proxy_is_still_there_for_what_needs_it(proxy: list[bytes]) -> None:
 
 def test_every_urllib_call_in_the_agent_goes_through_the_helper() -> None:
     """One helper, not copies: urllib's own openers are used only where a proxy is wanted."""
-    allowed = {"agent/core/direct_http.py", "agent/steps/apt.py"}  # apt: Caddy's key from the web
+    # apt: Caddy's key from the web; uv: the installer from PyPI (both through a proxy if set).
+    allowed = {"agent/core/direct_http.py", "agent/steps/apt.py", "agent/host/uv.py"}
     pattern = re.compile(r"urlopen\(|build_opener\(|HTTPSHandler\(|ProxyHandler\(|OpenerDirector")
     found = []
     for path in sorted((REPO_ROOT / "agent").rglob("*.py")):

@@ -26,10 +26,10 @@ HOME_URL="https://www.ubuntu.com/"
 UBUNTU_CODENAME=noble
 LOGO=ubuntu-logo
 """
-# dpkg-query on a converged noble host: universe's caddy and supervisor, main's python3 3.12.
+# dpkg-query on a converged noble host (the packages apt installs; uv makes the venv, so no
+# python3-venv): universe's caddy and supervisor, main's python3 3.12.
 NOBLE_PACKAGES = (
     "python3\tii \t3.12.3-0ubuntu2\n"
-    "python3-venv\tii \t3.12.3-0ubuntu2\n"
     "supervisor\tii \t4.2.5-1\n"
     "caddy\tii \t2.6.2-6ubuntu0.24.04.3\n"
     "openssl\tii \t3.0.13-0ubuntu3.5\n"

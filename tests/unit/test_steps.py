@@ -15,7 +15,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import REFERENCE_TOML, Call, FakeRunner, make_ctx, program, reference_data, result
+from conftest import (
+    REFERENCE_TOML,
+    Call,
+    FakeRunner,
+    make_ctx,
+    program,
+    reference_data,
+    result,
+    uv_binary,
+    uv_pip,
+    uv_venv,
+)
 
 from agent.core import engine, log, paths
 from agent.core.config import DEFAULT_CADDY_ADMIN, Config, parse
@@ -458,22 +469,29 @@ def pip_installs_pins(tmp_path: Path) -> FakeRunner:
         install_dists(tmp_path, server="6.20.3", web="5.1.1", client="7.3.0")
         return result(call.argv)
 
-    return FakeRunner().on(lambda c: c.argv[1:4] == ("-m", "pip", "install"), pip)
+    return FakeRunner().on(uv_pip("install"), pip)
 
 
-def test_venv_pin_differs_pip_installs_all_three(tmp_path: Path) -> None:
+def test_venv_pin_differs_uv_installs_all_three(tmp_path: Path) -> None:
     make_venv(tmp_path, web="5.1.0")
     runner = pip_installs_pins(tmp_path)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
     # Every wheel in one run, then the sdist-only pyramid-chameleon; nothing resolved.
     wheels, sdists = runner.calls
-    for pip in (wheels, sdists):
-        assert pip.argv[0] == str(VENV / "bin/python")
-        assert pip.argv[1:4] == ("-m", "pip", "install")
-        assert {"--require-hashes", "--no-deps"} <= set(pip.argv)
-        assert pip.env is not None
-        assert pip.env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
+    for install in (wheels, sdists):
+        assert install.argv[:5] == (
+            uv_binary(),
+            "pip",
+            "install",
+            "--python",
+            str(VENV / "bin/python"),
+        )
+        assert {"--require-hashes", "--no-deps", "--compile-bytecode"} <= set(install.argv)
+        assert install.env is not None
+        # root's own cache (HOME is unset under cloud-init), no Python downloads.
+        assert install.env["UV_CACHE_DIR"] == "/var/cache/devpi-agent/uv-cache"
+        assert install.env["UV_PYTHON_DOWNLOADS"] == "never"
     assert wheels.argv[-2:] == ("-r", str(VENV / ".devpi-agent-install/wheels.txt"))
     assert "--only-binary" in wheels.argv and "--no-build-isolation" in sdists.argv
     assert ctx.changes == [LOCK_INSTALL]
@@ -487,11 +505,21 @@ def test_venv_created_when_missing(tmp_path: Path) -> None:
         return result(call.argv)
 
     runner = pip_installs_pins(tmp_path)
-    runner.on([host_venv.SYSTEM_PYTHON, "-m", "venv"], make)
+    runner.on(uv_venv, make)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    assert [c.argv[1:3] for c in runner.calls] == [("-m", "venv"), ("-m", "pip"), ("-m", "pip")]
-    assert runner.calls[0].argv == (host_venv.SYSTEM_PYTHON, "-m", "venv", str(VENV))
+    assert [c.argv[1:3] for c in runner.calls] == [("venv", "--quiet"), ("pip", "install")] * 1 + [
+        ("pip", "install")
+    ]
+    assert runner.calls[0].argv == (
+        uv_binary(),
+        "venv",
+        "--quiet",
+        "--no-project",
+        "--python",
+        host_venv.SYSTEM_PYTHON,
+        str(VENV),
+    )
     assert ctx.changes[0] == f"create venv {VENV}"
 
 
