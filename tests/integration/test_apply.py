@@ -97,6 +97,21 @@ def test_first_apply_converges(converged: Converged) -> None:
     print(f"first apply: {run.seconds:.1f} s wall")
 
 
+def test_first_apply_builds_the_venv_while_apt_installs(converged: Converged) -> None:
+    """uv needs nothing apt installs: on a fresh host the venv step runs beside apt."""
+    reported = {s["name"]: s for s in converged.first.report["steps"]}  # type: ignore[union-attr]
+    apt, venv = reported["apt"], reported["venv"]
+    assert venv.get("early") is True and "early" not in apt
+    assert venv["status"] == "changed"
+    overlap = min(apt["started"] + apt["seconds"], venv["started"] + venv["seconds"]) - max(
+        apt["started"], venv["started"]
+    )
+    assert overlap > 0, reported
+    print(f"apt {apt['seconds']:.1f} s and venv {venv['seconds']:.1f} s overlapped {overlap:.1f} s")
+    # A second apply has a venv: nothing starts early.
+    assert not any(s.get("early") for s in converged.second.report["steps"])  # type: ignore[union-attr]
+
+
 def test_second_apply_changes_nothing(converged: Converged) -> None:
     run = converged.second
     assert run.returncode == 0, run.stderr[-5000:]
