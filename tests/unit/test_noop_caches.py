@@ -3,9 +3,12 @@ file, and systemd's unit states in one `systemctl show`."""
 
 from __future__ import annotations
 
+import functools
 import os
+import stat
 from pathlib import Path
 
+import pytest
 from conftest import ACTIVE_AND_ENABLED, FakeRunner, make_ctx, reference_config
 
 from agent.facts.systemd import UnitState, unit_state
@@ -98,3 +101,37 @@ def test_a_units_state_is_one_systemctl_show() -> None:
     )
     assert unit_state(missing, "nothing") == UnitState("inactive", "unknown")
     assert unit_state(FakeRunner().on(["systemctl"], rc=1), "x") == UnitState("unknown", "unknown")
+
+
+def test_compiled_templates_are_kept_only_in_a_directory_root_alone_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.core import files
+
+    monkeypatch.setattr(files, "_template_cache", [])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(files, "_templates", functools.cache(files._templates.__wrapped__))
+    rendered = files.render("policy-rc.d.j2")
+    cache = tmp_path / "cache" / "jinja"
+    (tmp_path / "cache").mkdir(mode=0o700)
+    owned_by_root = os.getuid() == 0
+    files.cache_compiled_templates(cache)
+    if not owned_by_root:
+        assert files._template_cache == []  # a directory root does not own: no cache
+        return
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    assert files.render("policy-rc.d.j2") == rendered
+    [compiled] = list(cache.iterdir())
+    # A second process: the template comes from the cache, and renders the same.
+    files._templates.cache_clear()
+    assert files.render("policy-rc.d.j2") == rendered
+    assert list(cache.iterdir()) == [compiled]
+    # Group- or world-writable: not trusted (it holds code), compiled every time.
+    monkeypatch.setattr(files, "_template_cache", [])
+    os.chmod(cache, 0o770)
+    files.cache_compiled_templates(cache)
+    assert files._template_cache == []
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    os.chmod(cache, 0o700)
+    files.cache_compiled_templates(cache)
+    assert files._template_cache == []
