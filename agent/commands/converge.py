@@ -25,7 +25,7 @@ from agent.commands.support import (
 from agent.core import log
 from agent.core.config import Config, ConfigError, load
 from agent.core.engine import LOCK_FILE, LockTimeout, RunReport, run_steps, single_run
-from agent.core.files import Files
+from agent.core.files import Files, cache_compiled_templates
 from agent.core.log import redactor
 from agent.core.status import write_status
 from agent.steps import STEPS
@@ -46,6 +46,8 @@ def _load_or_exit(path: Path) -> Config:
 def _converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> RunReport:
     log.configure(verbose=verbose)
     logger = log.get()
+    if not check:
+        cache_compiled_templates()  # plan leaves even the agent's cache as it was
     ctx = host_context(config, check=check)
     logger.info(
         "plan" if check else "apply",

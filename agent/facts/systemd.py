@@ -22,8 +22,9 @@ def is_active(runner: Runner, unit: str) -> str:
 
 
 def unit_state(runner: Runner, unit: str) -> UnitState:
-    enabled = runner.run(["systemctl", "is-enabled", unit], check=False).stdout.strip()
-    return UnitState(is_active(runner, unit), enabled or "unknown")
+    """ActiveState and UnitFileState, what `is-active` and `is-enabled` print, in one call."""
+    found = unit_properties(runner, unit, "ActiveState", "UnitFileState")
+    return UnitState(found.get("ActiveState") or "unknown", found.get("UnitFileState") or "unknown")
 
 
 def unit_properties(runner: Runner, unit: str, *names: str) -> dict[str, str]:

@@ -4,14 +4,17 @@ validated before it goes live, reloaded through its admin API or restarted, its 
 
 from __future__ import annotations
 
+import json
 import pwd
 import re
 import socket
+from pathlib import Path
 
 from agent.core.context import Context, StepFailed
-from agent.core.paths import CADDYFILE
+from agent.core.paths import CADDYFILE, STATE_DIR
 from agent.core.polling import wait_until
 from agent.core.runner import Result
+from agent.facts.system import caddy_version
 from agent.host.supervisor import supervisorctl
 
 CANDIDATE = CADDYFILE.with_name(".Caddyfile.devpi-agent-candidate")
@@ -20,6 +23,34 @@ CADDY_DEFAULT_ADMIN = "localhost:2019"
 _ADMIN_LINE = re.compile(r"^\s*admin\s+(\S+)", re.MULTILINE)
 # Debian and Ubuntu 24.04 both ship 2.6.2; assumed when Caddy is not installed yet (plan).
 DISTRO_CADDY_VERSION = (2, 6, 2)
+# `caddy version` of the binary with this (device, inode, size, mtime): it takes 0.06 s.
+VERSION_CACHE = STATE_DIR / "caddy-version.json"
+
+
+def installed_version(ctx: Context) -> tuple[int, int, int] | None:
+    """`caddy version`, remembered for as long as the binary PATH finds is the same file: an
+    upgrade or any other replacement gives it a new inode, size or mtime, and asks again."""
+    path = ctx.runner.which("caddy")
+    try:
+        info = ctx.files.host_path(Path(path)).stat() if path else None
+    except OSError:
+        info = None
+    if path is None or info is None:
+        return caddy_version(ctx.runner)
+    identity = [path, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns]
+    try:
+        cached = json.loads(ctx.files.read(VERSION_CACHE) or "{}")
+        if cached.get("binary") == identity:
+            major, minor, patch = (int(part) for part in cached["version"])
+            return major, minor, patch
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass  # damaged: ask caddy, and write it anew
+    version = caddy_version(ctx.runner)
+    if version is not None and not ctx.check:
+        record = json.dumps({"binary": identity, "version": list(version)}) + "\n"
+        ctx.files.ensure_dir(VERSION_CACHE.parent, mode=0o700, record=False)
+        ctx.files.ensure_file(VERSION_CACHE, record, mode=0o644, record=False)
+    return version
 
 
 def basic_auth_directive(version: tuple[int, int, int]) -> str:

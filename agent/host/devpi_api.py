@@ -52,6 +52,10 @@ class DevpiApi:
         self.base = f"http://127.0.0.1:{port}"
         self.timeout = timeout
         self.auth_header: str | None = None
+        # devpi's database as of the last answer: its uuid and serial (every write to devpi's
+        # database, a password change included, moves the serial on).
+        self.uuid: str | None = None
+        self.serial: str | None = None
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
@@ -63,9 +67,16 @@ class DevpiApi:
             request.add_header("X-Devpi-Auth", self.auth_header)
         try:
             with direct_http.urlopen(request, timeout=self.timeout) as response:
+                self._note_state(response.headers)
                 return response.status, _json(response.read())
         except urllib.error.HTTPError as error:
+            self._note_state(error.headers)
             return error.code, _json(error.read())
+
+    def _note_state(self, headers: Any) -> None:
+        if headers is not None:
+            self.uuid = headers.get("X-Devpi-Uuid") or self.uuid
+            self.serial = headers.get("X-Devpi-Serial") or self.serial
 
     def checked(
         self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201)

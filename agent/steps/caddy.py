@@ -32,7 +32,6 @@ from agent.core.paths import (
     STATE_DIR,
     SUPERVISOR_LOG_DIR,
 )
-from agent.facts.system import caddy_version
 from agent.facts.systemd import unit_state
 from agent.host import replication, tls
 from agent.host.caddy import (
@@ -40,6 +39,7 @@ from agent.host.caddy import (
     admin_address,
     basic_auth_directive,
     caddy_home,
+    installed_version,
     metrics_option,
     reload,
     restart,
@@ -229,7 +229,7 @@ def ensure_started(ctx: Context) -> bool:
 
 
 def converge(ctx: Context) -> None:
-    installed = caddy_version(ctx.runner)
+    installed = installed_version(ctx)
     if installed is None and not ctx.check:
         raise StepFailed("caddy is not installed or `caddy version` fails")
     version = installed or DISTRO_CADDY_VERSION

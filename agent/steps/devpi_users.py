@@ -5,6 +5,10 @@ Missing users and indexes are created, a password that no longer logs in is set,
 differ are updated. Nothing is deleted unless `devpi.prune` is true; then users and indexes the
 config does not declare are deleted (root and root's indexes never). The root login happens only
 when something must change.
+
+A user's password is checked by logging in (how the agent notices a password changed in devpi
+behind its back); the logins run side by side, and a no-op run skips those a memo confirms
+against devpi's unchanged database (host/login_memo.py).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from agent.core.crashpoint import crashpoint
 from agent.host import replication
 from agent.host.devpi_api import DevpiApi, DevpiError, RemoteUser
 from agent.host.devpi_server import root_password
+from agent.host.login_memo import LoginMemo
 from agent.host.supervisor import devpi_api_answers
 
 NAME = "devpi-users"
-
+# devpi's waitress serves 50 threads; its argon2 check releases the GIL.
+MAX_CONCURRENT_LOGINS = 8
 
 PYPI_MIRROR = ("root", "pypi")
 
@@ -50,9 +56,32 @@ def _reachable(ctx: Context) -> bool:
     return devpi_api_answers(ctx.config.devpi.port)
 
 
+def _passwords_that_log_in(
+    ctx: Context, api: DevpiApi, remote: dict[str, RemoteUser], memo: LoginMemo
+) -> dict[str, bool]:
+    """For each configured user devpi has: does the configured password log in? Those the memo
+    confirms are not asked; the others are asked side by side."""
+    existing = [user for user in ctx.config.users if user.name in remote]
+    matches = {u.name: True for u in existing if memo.confirmed(u.name, u.password)}
+    unconfirmed = [user for user in existing if user.name not in matches]
+    if len(unconfirmed) == 1:
+        user = unconfirmed[0]
+        matches[user.name] = api.password_matches(user.name, user.password)
+    elif unconfirmed:
+        from concurrent.futures import ThreadPoolExecutor  # only here: a no-op needs no pool
+
+        workers = min(MAX_CONCURRENT_LOGINS, len(unconfirmed))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            answers = pool.map(lambda u: api.password_matches(u.name, u.password), unconfirmed)
+            matches.update(zip((u.name for u in unconfirmed), answers, strict=True))
+    return matches
+
+
 def _converge(ctx: Context, api: DevpiApi) -> None:
     remote = api.users()
+    memo = LoginMemo(ctx, api.uuid, api.serial)
     logged_in = False
+    changes_before = len(ctx.changes)
 
     def as_root() -> None:
         nonlocal logged_in
@@ -68,15 +97,14 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
 
     _converge_mirror(ctx, api, remote, as_root)
 
+    logs_in = _passwords_that_log_in(ctx, api, remote, memo)
     for user in ctx.config.users:
         if user.name not in remote:
             if ctx.change(f"create devpi user {user.name}"):
                 as_root()
                 api.create_user(user.name, user.password)
                 crashpoint("devpi-users:changed")
-        elif not api.password_matches(user.name, user.password) and ctx.change(
-            f"set the password of devpi user {user.name}"
-        ):
+        elif not logs_in[user.name] and ctx.change(f"set the password of devpi user {user.name}"):
             as_root()
             api.set_password(user.name, user.password)
             crashpoint("devpi-users:changed")
@@ -98,6 +126,11 @@ def _converge(ctx: Context, api: DevpiApi) -> None:
 
     if ctx.config.devpi.prune:
         _prune(ctx, api, remote, as_root)
+
+    if len(ctx.changes) == changes_before:
+        # Nothing changed in devpi: every configured user exists and logs in, as of the serial
+        # read before the logins.
+        memo.save({user.name: user.password for user in ctx.config.users})
 
 
 def _converge_mirror(

@@ -215,6 +215,59 @@ def test_wrong_password_upload_is_refused(converged: Converged) -> None:
     assert "401" in upload.stdout + upload.stderr
 
 
+# Inside the host, straight to devpi: does a password log in; or (with a second line on stdin)
+# set another one as that user, as `devpi user -m devops password=...` would.
+_DEVPI_PASSWORD = """
+import base64, json, sys, urllib.error, urllib.request
+port, user = sys.argv[1], sys.argv[2]
+lines = sys.stdin.read().splitlines()
+def call(method, path, body, auth=None):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), method=method,
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
+    if auth:
+        request.add_header("X-Devpi-Auth", auth)
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+status, payload = call("POST", "/+login", {"user": user, "password": lines[0]})
+if len(lines) > 1 and status == 200:
+    token = base64.b64encode(f"{user}:{payload['result']['password']}".encode()).decode()
+    status, _ = call("PATCH", f"/{user}", {"password": lines[1]}, token)
+print(status)
+"""
+
+
+def devpi_password(host: NspawnHost, port: int, password: str, new: str | None = None) -> int:
+    stdin = password + "\n" + (new + "\n" if new else "")
+    argv = ["python3", "-c", _DEVPI_PASSWORD, str(port), "devops"]
+    return int(host.output(argv, input=stdin.encode()))
+
+
+def test_a_password_changed_behind_the_agents_back_is_set_again(converged: Converged) -> None:
+    """apply notices a password changed in devpi outside the agent, also after no-op runs that
+    skipped the login check (the memo of devpi-users), and sets the configured one again."""
+    host, port = converged.host, converged.ports.devpi
+    for _ in range(2):
+        noop = apply(host)
+        assert noop.returncode == 0 and noop.report["changed"] == 0, noop.stderr[-3000:]
+    assert host.path("/var/lib/devpi-agent/devpi-logins.memo").exists()
+    assert devpi_password(host, port, USER_PASSWORD, "changed-Behind-its-back-1") == 200
+    assert devpi_password(host, port, USER_PASSWORD) == 401
+    fixed = apply(host)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    steps = {s["name"]: s["status"] for s in fixed.report["steps"]}  # type: ignore[union-attr]
+    assert steps["devpi-users"] == "changed", fixed.report
+    assert fixed.report["changed"] == 1, fixed.report
+    assert devpi_password(host, port, USER_PASSWORD) == 200
+    assert devpi_password(host, port, "changed-Behind-its-back-1") == 401
+    again = apply(host)
+    assert again.returncode == 0 and again.report["changed"] == 0, again.report
+
+
 def test_unprivileged_user_cannot_reach_caddys_admin_api(converged: Converged) -> None:
     """Caddy's admin API takes any config without a password: whoever reaches it owns the site."""
     address = assert_locked_out(converged.host, free_port())

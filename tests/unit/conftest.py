@@ -55,6 +55,10 @@ DEBIAN_12 = OsRelease("debian", "12", "bookworm")
 UBUNTU_2404 = OsRelease("ubuntu", "24.04", "noble")
 
 
+# `systemctl show UNIT --property=ActiveState,UnitFileState` of a running, enabled unit.
+ACTIVE_AND_ENABLED = "ActiveState=active\nUnitFileState=enabled\n"
+
+
 def reference_data() -> dict[str, Any]:
     """The reference config as parse() sees it: a fresh, mutable dict on every call."""
     return {

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, Call, FakeRunner, make_ctx, reference_data, result, uv_pip, uv_venv
+from conftest import (
+    ACTIVE_AND_ENABLED,
+    REPO_ROOT,
+    Call,
+    FakeRunner,
+    make_ctx,
+    reference_data,
+    result,
+    uv_pip,
+    uv_venv,
+)
 
 from agent.core import crashpoint as crash
 from agent.core import paths
@@ -300,8 +310,7 @@ CADDY_VERSION = "v2.6.2 h1:QnKDiR6UQkOWZSvJ1Ws6LLbCfNkOT3OBWDJo7xFTZe8=\n"
 def caddy_runner() -> FakeRunner:
     runner = FakeRunner()
     runner.on(["caddy", "version"], stdout=CADDY_VERSION)
-    runner.on(["systemctl", "is-active"], stdout="active\n")
-    runner.on(["systemctl", "is-enabled"], stdout="enabled\n")
+    runner.on(["systemctl", "show"], stdout=ACTIVE_AND_ENABLED)
     return runner
 
 

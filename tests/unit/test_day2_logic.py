@@ -352,6 +352,8 @@ class FakeApi:
     def __init__(self, users: dict[str, RemoteUser]) -> None:
         self.remote = users
         self.calls: list[tuple[str, ...]] = []
+        self.uuid: str | None = None
+        self.serial: str | None = None
 
     def users(self) -> dict[str, RemoteUser]:
         return self.remote

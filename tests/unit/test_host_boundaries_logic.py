@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeRunner, make_ctx, reference_data
+from conftest import ACTIVE_AND_ENABLED, FakeRunner, make_ctx, reference_data
 
 from agent.core import paths
 from agent.core.config import Config, ConfigError, parse
@@ -250,16 +250,14 @@ def test_a_changed_admin_address_restarts_caddy(
     live.write_text("{\n\tadmin localhost:2019\n}\n")
     runner = FakeRunner()
     runner.on(["caddy", "version"], stdout="v2.6.2 h1:x=\n")
-    runner.on(["systemctl", "is-active"], stdout="active\n")
-    runner.on(["systemctl", "is-enabled"], stdout="enabled\n")
+    runner.on(["systemctl", "show"], stdout=ACTIVE_AND_ENABLED)
     ctx = make_ctx(tmp_path, config(), runner)
     caddy.converge(ctx)
     assert runner.ran(["systemctl", "restart", "caddy"]) and not runner.ran(["caddy", "reload"])
     assert not ctx.is_pending(paths.CADDY_RESTART)
     second = FakeRunner()
     second.on(["caddy", "version"], stdout="v2.6.2 h1:x=\n")
-    second.on(["systemctl", "is-active"], stdout="active\n")
-    second.on(["systemctl", "is-enabled"], stdout="enabled\n")
+    second.on(["systemctl", "show"], stdout=ACTIVE_AND_ENABLED)
     again = make_ctx(tmp_path, config(), second)
     caddy.converge(again)
     assert again.changes == [] and not second.ran(["systemctl", "restart"])

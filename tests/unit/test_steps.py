@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    ACTIVE_AND_ENABLED,
     REFERENCE_TOML,
     Call,
     FakeRunner,
@@ -746,8 +747,7 @@ def test_caddy_reload_failure_rolls_back(tmp_path: Path) -> None:
     live.write_text(OLD_CADDYFILE)
     runner = FakeRunner()
     runner.on(["caddy", "version"], stdout=CADDY_VERSION)
-    runner.on(["systemctl", "is-active"], stdout="active\n")
-    runner.on(["systemctl", "is-enabled"], stdout="enabled\n")
+    runner.on(["systemctl", "show"], stdout=ACTIVE_AND_ENABLED)
     runner.on(["caddy", "reload"], rc=1, stderr="Error: loading new config")
     ctx = make_ctx(tmp_path, config(), runner)
     with pytest.raises(StepFailed, match="caddy reload failed"):
@@ -760,7 +760,7 @@ def test_caddy_reload_failure_rolls_back(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("fast_bcrypt")
 def test_caddy_check_mode_without_caddy(tmp_path: Path) -> None:
     runner = FakeRunner().on(["caddy", "version"], rc=127)
-    runner.on(["systemctl", "is-active"], stdout="inactive\n", rc=3)
+    runner.on(["systemctl", "show"], stdout="ActiveState=inactive\nUnitFileState=\n")
     ctx = make_ctx(tmp_path, config(), runner, check=True)
     caddy.converge(ctx)
     assert runner.ran(["caddy", "validate"]) == []
