@@ -105,6 +105,7 @@ def ensure_venv(ctx: Context) -> None:
                     str(venv),
                 ],
                 env=uv_env(),
+                cwd="/",
                 timeout=300,
             )
             if not ctx.files.exists(python):
@@ -144,6 +145,9 @@ def _uv_pip(ctx: Context, uv: Path, python: Path, args: list[str], label: str) -
     ctx.runner.run(
         [str(uv), "pip", command, "--python", str(python), *rest],
         env={**uv_env(), "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH},
+        # Not the operator's working directory: a uv.toml or pyproject.toml there is no
+        # setting for devpi's venv (/etc/uv/uv.toml still is).
+        cwd="/",
         timeout=1800,
         progress=label,
     )

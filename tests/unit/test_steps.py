@@ -493,6 +493,8 @@ def test_venv_pin_differs_uv_installs_all_three(tmp_path: Path) -> None:
         # root's own cache (HOME is unset under cloud-init), no Python downloads.
         assert install.env["UV_CACHE_DIR"] == "/var/cache/devpi-agent/uv-cache"
         assert install.env["UV_PYTHON_DOWNLOADS"] == "never"
+        # Never the operator's directory: its uv.toml or pyproject.toml is no setting for devpi.
+        assert install.cwd == "/"
     assert wheels.argv[-2:] == ("-r", str(VENV / ".devpi-agent-install/wheels.txt"))
     assert "--only-binary" in wheels.argv and "--no-build-isolation" in sdists.argv
     assert ctx.changes == [LOCK_INSTALL]
@@ -509,9 +511,12 @@ def test_venv_created_when_missing(tmp_path: Path) -> None:
     runner.on(uv_venv, make)
     ctx = make_ctx(tmp_path, config(), runner)
     venv.converge(ctx)
-    assert [c.argv[1:3] for c in runner.calls] == [("venv", "--quiet"), ("pip", "install")] * 1 + [
-        ("pip", "install")
+    assert [c.argv[1:3] for c in runner.calls] == [
+        ("venv", "--quiet"),
+        ("pip", "install"),
+        ("pip", "install"),
     ]
+    assert runner.calls[0].cwd == "/"
     assert runner.calls[0].argv == (
         uv_binary(),
         "venv",
