@@ -108,47 +108,73 @@ def _run_one(ctx: Context, step: Step, run_started: float, *, early: bool = Fals
     )
 
 
-class _EarlyStep:
-    """A step running in a thread of its own from the start of the run, on a forked context."""
+class _EarlyChain:
+    """The early steps, one after another in their order, in a thread of their own from the
+    start of the run, each on a forked context; the chain stops at its first failure."""
 
-    def __init__(self, ctx: Context, step: Step, run_started: float) -> None:
-        self.step = step
-        self.ctx = ctx.fork()
-        self.report: StepReport | None = None
+    def __init__(self, ctx: Context, steps: list[Step], run_started: float) -> None:
+        self.steps = steps
+        self._contexts = {step.name: ctx.fork() for step in steps}
+        self._done: dict[str, threading.Event] = {step.name: threading.Event() for step in steps}
+        self._reports: dict[str, StepReport] = {}
+        self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, args=(run_started,), name=f"step-{step.name}", daemon=True
+            target=self._run, args=(run_started,), name="early-steps", daemon=True
         )
         self._thread.start()
 
     def _run(self, run_started: float) -> None:
-        self.report = _run_one(self.ctx, self.step, run_started, early=True)
+        try:
+            for step in self.steps:
+                if self._stop.is_set():
+                    break
+                report = _run_one(self._contexts[step.name], step, run_started, early=True)
+                self._reports[step.name] = report
+                self._done[step.name].set()
+                if report.status == "failed":
+                    break
+        finally:
+            for event in self._done.values():
+                event.set()
 
-    @property
-    def failed(self) -> bool:
-        return self.report is not None and self.report.status == "failed"
+    def __contains__(self, name: str) -> bool:
+        return name in self._done
 
-    def join(self, ctx: Context) -> StepReport:
-        """Wait for it; its file changes join the run's, in the order the steps are reported."""
+    def failed(self) -> StepReport | None:
+        """The early step that failed, if one has by now."""
+        return next((r for r in self._reports.values() if r.status == "failed"), None)
+
+    def join(self, ctx: Context, name: str) -> StepReport | None:
+        """Wait for one early step; its report (None: the chain stopped before it), its file
+        changes joined to the run's in the order the steps are reported."""
+        self._done[name].wait()
+        report = self._reports.get(name)
+        if report is not None:
+            ctx.files.changes.extend(self._contexts[name].files.changes)
+        return report
+
+    def stop(self) -> None:
+        """Start no further early step (the one running finishes)."""
+        self._stop.set()
+
+    def wait(self) -> None:
         self._thread.join()
-        assert self.report is not None
-        ctx.files.changes.extend(self.ctx.files.changes)
-        return self.report
 
 
-def _start_early(ctx: Context, steps: Sequence[Step], run_started: float) -> dict[str, _EarlyStep]:
+def _start_early(ctx: Context, steps: Sequence[Step], run_started: float) -> _EarlyChain | None:
     # Not in plan: it changes nothing, so nothing is gained, and its output keeps step order.
     if ctx.check:
-        return {}
-    early: dict[str, _EarlyStep] = {}
-    for step in steps:
-        if step.can_start_early is not None and step.can_start_early(ctx):
-            ctx.log.info("start early", step=step.name)
-            early[step.name] = _EarlyStep(ctx, step, run_started)
-    return early
+        return None
+    early = [s for s in steps if s.can_start_early is not None and s.can_start_early(ctx)]
+    if not early:
+        return None
+    ctx.log.info("start early", steps=[s.name for s in early])
+    return _EarlyChain(ctx, early, run_started)
 
 
 def run_steps(ctx: Context, steps: Sequence[Step]) -> RunReport:
-    """The steps in order; one whose can_start_early says so runs from the start beside them.
+    """The steps in order; those whose can_start_early says so run from the start, one after
+    another in a thread of their own, beside the others, and are reported in their places.
 
     The first failure stops the run: that of a step in order, or of an early step, seen before
     the next step would begin. Early steps still running are waited for, never left behind.
@@ -156,25 +182,34 @@ def run_steps(ctx: Context, steps: Sequence[Step]) -> RunReport:
     started = time.monotonic()
     early = _start_early(ctx, steps, started)
     reports: list[StepReport] = []
-    skipped: list[str] = []
     done: set[str] = set()
     for step in steps:
-        if step.name in done:
-            continue
-        failed_early = next((e for e in early.values() if e.failed), None)
-        if failed_early is not None:
-            reports.append(early.pop(failed_early.step.name).join(ctx))
-            done.add(failed_early.step.name)
+        failed_early = early.failed() if early is not None else None
+        if failed_early is not None and failed_early.name not in done:
+            early.join(ctx, failed_early.name)  # type: ignore[union-attr]
+            reports.append(failed_early)
+            done.add(failed_early.name)
             break
-        running = early.pop(step.name, None)
-        report = running.join(ctx) if running else _run_one(ctx, step, started)
+        if early is not None and step.name in early:
+            report = early.join(ctx, step.name)
+            if report is None:  # the chain stopped at a failure the loop has not seen yet
+                continue
+        else:
+            report = _run_one(ctx, step, started)
         reports.append(report)
         done.add(step.name)
         if report.status == "failed":
             break
-    for name in list(early):
-        reports.append(early.pop(name).join(ctx))
-        done.add(name)
+    if early is not None:
+        early.stop()
+        early.wait()
+        for step in early.steps:
+            if step.name not in done:
+                report = early.join(ctx, step.name)
+                if report is not None:
+                    reports.append(report)
+                    done.add(step.name)
+    skipped: list[str] = []
     if any(report.status == "failed" for report in reports):
         skipped = [step.name for step in steps if step.name not in done]
     return RunReport(reports, skipped, time.monotonic() - started, list(ctx.files.changes))

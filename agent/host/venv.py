@@ -68,7 +68,8 @@ def source_of(ctx: Context) -> str:
 
 
 def builds_beside_earlier_steps(ctx: Context) -> bool:
-    """True for a first build.
+    """True for a first build: the venv, and what needs only it (the service user, devpi's
+    config and devpi-init), can be made while apt works (core/engine.py's early steps).
 
     Only a venv that does not exist yet: an existing one may be moved aside by an export/import
     upgrade, which must run first (so must the undo of an upgrade that was cut short).

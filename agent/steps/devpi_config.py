@@ -7,8 +7,14 @@ from agent.core.crashpoint import crashpoint
 from agent.core.files import render
 from agent.core.paths import DEVPI_CONFIG_DIR, DEVPI_CONFIG_FILE, DEVPI_RESTART
 from agent.host import replication
+from agent.host.venv import builds_beside_earlier_steps
 
 NAME = "devpi-config"
+
+
+def can_start_early(ctx: Context) -> bool:
+    """On a first build, beside apt (core/engine.py): devpi-init, early too, reads it."""
+    return builds_beside_earlier_steps(ctx)
 
 
 def content(ctx: Context) -> str:

@@ -16,8 +16,15 @@ from agent.core.log import redactor
 from agent.core.paths import AGENT_ETC, DEVPI_RESTART
 from agent.host import replication
 from agent.host.devpi_server import root_password, run_devpi_tool
+from agent.host.venv import builds_beside_earlier_steps
 
 NAME = "devpi-init"
+
+
+def can_start_early(ctx: Context) -> bool:
+    """On a first build, beside apt (core/engine.py), after the venv, the service user and
+    devpi's config, which are early steps too (one after another, in order)."""
+    return builds_beside_earlier_steps(ctx)
 
 
 def ensure_root_password(ctx: Context) -> str:

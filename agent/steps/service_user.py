@@ -5,8 +5,14 @@ from __future__ import annotations
 import pwd
 
 from agent.core.context import Context, StepFailed
+from agent.host.venv import builds_beside_earlier_steps
 
 NAME = "service-user"
+
+
+def can_start_early(ctx: Context) -> bool:
+    """On a first build, beside apt (core/engine.py): devpi-init, early too, runs as it."""
+    return builds_beside_earlier_steps(ctx)
 
 
 def converge(ctx: Context) -> None:

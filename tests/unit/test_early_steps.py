@@ -101,7 +101,7 @@ def test_an_early_failure_stops_the_run_before_the_next_step(tmp_path: Path) -> 
 
     def first(ctx: Context) -> None:
         apt_runs.set()
-        wait_thread_gone("step-venv")  # the early step has failed by the time this returns
+        wait_thread_gone("early-steps")  # the early step has failed by the time this returns
         ran.append("first")
 
     def second(ctx: Context) -> None:
@@ -184,5 +184,96 @@ def test_the_venv_step_starts_early_only_on_a_first_build(tmp_path: Path) -> Non
     assert not host_venv.builds_beside_earlier_steps(ctx)
 
 
-def test_only_the_venv_step_starts_early() -> None:
-    assert [s.name for s in STEPS if s.can_start_early is not None] == ["venv"]
+def test_the_first_builds_chain_is_user_venv_config_init() -> None:
+    early = [s for s in STEPS if s.can_start_early is not None]
+    assert [s.name for s in early] == ["service-user", "venv", "devpi-config", "devpi-init"]
+    # One condition for all: none may start early without the ones it needs.
+    assert len({s.can_start_early.__code__.co_names for s in early if s.can_start_early}) == 1
+
+
+def test_early_steps_run_one_after_another_in_order(tmp_path: Path) -> None:
+    order: list[str] = []
+    apt_may_finish = threading.Event()
+
+    def apt(ctx: Context) -> None:
+        assert apt_may_finish.wait(BOUND)
+        order.append("apt")
+
+    def early(name: str) -> Callable[[Context], None]:
+        def run(ctx: Context) -> None:
+            order.append(name)
+            if name == "init":
+                apt_may_finish.set()
+
+        return run
+
+    ctx = make_ctx(tmp_path, reference_config(), FakeRunner())
+    report = run_steps(
+        ctx,
+        [
+            step("apt", apt),
+            step("user", early("user"), early=True),
+            step("upgrade", lambda c: order.append("upgrade")),
+            step("venv", early("venv"), early=True),
+            step("init", early("init"), early=True),
+        ],
+    )
+    assert order == ["user", "venv", "init", "apt", "upgrade"]
+    assert [s.name for s in report.steps] == ["apt", "user", "upgrade", "venv", "init"]
+
+
+def test_an_early_failure_stops_the_chain(tmp_path: Path) -> None:
+    ran: list[str] = []
+    apt_runs = threading.Event()
+
+    def fails(ctx: Context) -> None:
+        assert apt_runs.wait(BOUND)
+        raise StepFailed("no network")
+
+    def apt(ctx: Context) -> None:
+        apt_runs.set()
+        wait_thread_gone("early-steps")
+
+    ctx = make_ctx(tmp_path, reference_config(), FakeRunner())
+    report = run_steps(
+        ctx,
+        [
+            step("apt", apt),
+            step("venv", fails, early=True),
+            step("init", lambda c: ran.append("init"), early=True),
+            step("later", lambda c: ran.append("later")),
+        ],
+    )
+    assert ran == []
+    assert [(s.name, s.status) for s in report.steps] == [("apt", "ok"), ("venv", "failed")]
+    assert report.skipped == ["init", "later"]
+
+
+def test_a_failure_in_order_starts_no_further_early_step(tmp_path: Path) -> None:
+    venv_runs = threading.Event()
+    release = threading.Event()
+    ran: list[str] = []
+
+    def builds(ctx: Context) -> None:
+        venv_runs.set()
+        assert release.wait(BOUND)
+        ran.append("venv")
+
+    def fails(ctx: Context) -> None:
+        assert venv_runs.wait(BOUND)
+        release.set()
+        raise StepFailed("apt broke")
+
+    ctx = make_ctx(tmp_path, reference_config(), FakeRunner())
+    report = run_steps(
+        ctx,
+        [
+            step("apt", fails),
+            step("venv", builds, early=True),
+            step("init", lambda c: ran.append("init"), early=True),
+        ],
+    )
+    # The running one finishes; the one after it never starts (unless it already had).
+    assert ran[0] == "venv"
+    assert [(s.name, s.status) for s in report.steps][:2] == [("apt", "failed"), ("venv", "ok")]
+    assert "init" in report.skipped or ran == ["venv", "init"]
