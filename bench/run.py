@@ -594,12 +594,12 @@ def main() -> int:
     finally:
         host.stop()
     # The median of the side-by-side pairs' ratios (see first_vs_floor).
-    figures["first_vs_floor"] = statistics.median(figures["first_vs_floor_runs"])
-    figures["first_vs_floor_side_by_side"] = statistics.median(
-        figures["first_vs_floor_side_by_side_runs"]
+    figures["first_vs_floor"] = round(statistics.median(figures["first_vs_floor_runs"]), 2)
+    figures["first_vs_floor_side_by_side"] = round(
+        statistics.median(figures["first_vs_floor_side_by_side_runs"]), 2
     )
     figures["noop_vs_first"] = round(figures["noop_apply_median_s"] / figures["first_apply_s"], 4)
-    figures["first_vs_peer"] = statistics.median(figures["first_vs_peer_runs"])
+    figures["first_vs_peer"] = round(statistics.median(figures["first_vs_peer_runs"]), 2)
     figures["peer_noop_vs_noop"] = round(figures["peer_noop_s"] / figures["noop_apply_median_s"], 1)
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
