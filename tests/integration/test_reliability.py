@@ -351,9 +351,23 @@ def test_invalid_configs_leave_a_fresh_host_untouched(crash_host: CrashHost) -> 
     record("bad_input_host", {"configs": len(whats), "exit_2": len(whats), "host_changes": 0})
 
 
-def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
-    host = crash_host.host
-    crash_host.applied = True
+@pytest.fixture
+def lock_host(rootfs: Path) -> Iterator[tuple[NspawnHost, Ports]]:
+    """A fresh host of its own: while apt waits for the lock, the early steps (the venv,
+    devpi-init) go on beside it, so the crash walk could not start from this host's state."""
+    ports = Ports.free()
+    host = new_host(rootfs, ports)
+    try:
+        yield host, ports
+    except BaseException:
+        print(host.debug_report())
+        raise
+    finally:
+        host.stop()
+
+
+def test_dpkg_lock_held_fails_cleanly(lock_host: tuple[NspawnHost, Ports]) -> None:
+    host, ports = lock_host
     host.write("/root/hold-dpkg-lock.py", HOLD_DPKG_LOCK)
     host.run(["sh", "-c", "python3 /root/hold-dpkg-lock.py 300 >/dev/null 2>&1 &"])
     deadline = time.monotonic() + 30
@@ -363,7 +377,7 @@ def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
         time.sleep(0.1)
     assert holder.isdigit(), "the lock holder did not start"
     timeout = 5
-    locked = config_for(crash_host.ports) + f"\n[apt]\nlock_timeout = {timeout}\n"
+    locked = config_for(ports) + f"\n[apt]\nlock_timeout = {timeout}\n"
     host.write("/root/locked.toml", locked, mode=0o600)
     try:
         run = run_agent(host, config="/root/locked.toml")
@@ -384,6 +398,11 @@ def test_dpkg_lock_held_fails_cleanly(crash_host: CrashHost) -> None:
     assert apt_seconds >= timeout
     assert not host.path("/usr/sbin/policy-rc.d").exists()
     assert host.output(["dpkg", "--audit"]) == ""
+    # What ran beside apt finished and is reported; nothing after apt ran.
+    reported = {s["name"]: s for s in run.report["steps"]}
+    assert reported["apt"]["status"] == "failed"
+    assert all(s.get("early") for name, s in reported.items() if name != "apt"), reported
+    assert "supervisor" not in reported
     record(
         "dpkg_lock",
         {"lock_timeout": timeout, "apt_step_seconds": apt_seconds, "exit": run.returncode},
