@@ -28,6 +28,11 @@ CRASH_AT = "DEVPI_AGENT_CRASH_AT"
 CRASH_MODE = "DEVPI_AGENT_CRASH_MODE"
 CRASH_DELAY = "DEVPI_AGENT_CRASH_DELAY"
 
+# Held by the runner while it starts a command. The kill takes it and never lets go: a step in
+# another thread (core/engine.py's early steps) could otherwise start a command after the tree
+# was collected, and that command would outlive the kill.
+SPAWNING = threading.RLock()
+
 
 class CrashPointReached(Exception):
     """Raised at the point in DEVPI_AGENT_CRASH_AT when DEVPI_AGENT_CRASH_MODE=raise."""
@@ -75,6 +80,7 @@ def _children_by_parent() -> dict[int, list[int]]:
 def _kill_process_tree() -> None:
     """SIGKILL every descendant, then this process. Descendants are stopped first, so none can
     fork a new child or be re-parented to init while the tree is collected."""
+    SPAWNING.acquire()
     me = os.getpid()
     stopped: set[int] = set()
     while True:

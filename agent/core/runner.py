@@ -19,7 +19,7 @@ from typing import ClassVar, Protocol
 import sh
 
 from agent.core import log
-from agent.core.crashpoint import crashpoint
+from agent.core.crashpoint import SPAWNING, crashpoint
 from agent.core.log import redactor
 
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -176,21 +176,22 @@ class ShRunner:
         else:
             returncode = 0
             try:
-                running = program(
-                    *full_argv[1:],
-                    _in=input if input is not None else "",
-                    _env=child_env,
-                    _cwd=cwd,
-                    _tty_out=False,
-                    _out=on_out,
-                    _err=on_err,
-                    _ok_code=list(range(256)),
-                    _bg=True,
-                    _bg_exc=False,
-                    _return_cmd=True,
-                    _encoding="utf-8",
-                    _decode_errors="replace",
-                )
+                with SPAWNING:
+                    running = program(
+                        *full_argv[1:],
+                        _in=input if input is not None else "",
+                        _env=child_env,
+                        _cwd=cwd,
+                        _tty_out=False,
+                        _out=on_out,
+                        _err=on_err,
+                        _ok_code=list(range(256)),
+                        _bg=True,
+                        _bg_exc=False,
+                        _return_cmd=True,
+                        _encoding="utf-8",
+                        _decode_errors="replace",
+                    )
                 returncode = _wait(running, timeout)
             except sh.SignalException as error:
                 returncode = -abs(error.exit_code)

@@ -135,6 +135,78 @@ def test_hook_kills_the_agent_and_everything_it_started() -> None:
     assert _gone(child) and _gone(grandchild), "a process the agent started outlived it"
 
 
+_RACING_VICTIM = """
+import sys, threading, time
+from pathlib import Path
+from agent.core import crashpoint as crash
+from agent.core.runner import ShRunner
+
+marker = sys.argv[1]
+go = threading.Event()
+# An early step's thread, about to start a command when the kill comes.
+threading.Thread(
+    target=lambda: (go.wait(), ShRunner().run(["sleep", marker], timeout=600)), daemon=True
+).start()
+collect = crash._children_by_parent
+
+def collect_then_let_the_other_thread_start_one():
+    tree = collect()
+    go.set()
+    # The command starts (or, with the kill holding the runner, never does) after the tree
+    # was collected: the window in which an early step's command escaped the kill.
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and not _started(marker):
+        time.sleep(0.02)
+    return tree
+
+def _started(text):
+    for stat in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in stat.read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+crash._children_by_parent = collect_then_let_the_other_thread_start_one
+crash.crashpoint("caddy:written")
+print("survived", flush=True)
+"""
+
+
+def _pids_running(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and not _gone(int(cmdline.parent.name)):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_hook_leaves_no_command_another_thread_was_starting() -> None:
+    # Found by the crash test: killed at apt:before, the early steps' useradd outlived the agent.
+    marker = f"{300 + os.getpid() % 1000}.{time.monotonic_ns() % 10**6}"
+    env = {**os.environ, crash.CRASH_AT: "caddy:written", "PYTHONPATH": str(REPO_ROOT)}
+    env.pop(crash.CRASH_MODE, None)
+    try:
+        victim = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(_RACING_VICTIM), marker],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert victim.returncode == -9, victim.stderr
+        assert "survived" not in victim.stdout
+        assert _pids_running(f"sleep\0{marker}") == [], "a command outlived the kill"
+    finally:
+        for pid in _pids_running(f"sleep\0{marker}"):
+            os.kill(pid, 9)
+
+
 def test_hook_with_a_delay_lets_the_run_go_on_then_kills_it() -> None:
     script = (
         "import time\nfrom agent.core.crashpoint import crashpoint\n"
