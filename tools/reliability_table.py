@@ -32,6 +32,16 @@ def _pcts(figures: dict[str, Any] | None, unit: str = "s") -> str:
     return ", ".join(parts) + suffix + f" (n={figures['n']})"
 
 
+def _passed_beside_apt(crash: dict[str, Any]) -> str:
+    passed = crash.get("passed_beside_apt") or []
+    if not passed:
+        return ""
+    return (
+        f"; {len(passed)} more points passed while a kill in apt came after their step had "
+        f"finished beside it ({', '.join(f'`{point}`' for point in passed)})"
+    )
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     crash = r.get("crash")
@@ -42,7 +52,7 @@ def rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"({len(crash['first_apply_points'])} in a first apply, "
             f"{len(crash['rotation_points'])} in a password rotation); the host then matches an "
             f"uninterrupted one: {crash['fingerprint_differences']} differences; "
-            f"{crash['seconds']:.0f} s for the whole chain"
+            f"{crash['seconds']:.0f} s for the whole chain" + _passed_beside_apt(crash)
             if crash
             else MISSING,
             "test_crash_anywhere_then_a_rerun_converges",
@@ -157,7 +167,7 @@ def render(results: dict[str, Any]) -> str:
         "# Reliability and security: figures",
         "",
         "Produced by the project's own tests on real hosts (Debian 12 under systemd-nspawn, real",
-        "systemd, apt, pip, devpi, Caddy, twine) on a 2-core machine; regenerate with",
+        "systemd, apt, uv, pip, devpi, Caddy, twine) on a 2-core machine; regenerate with",
         "`make reliability` (the two test files, then `tools/reliability_table.py`). Load and",
         "brute-force figures are measurements, not limits the tests enforce; the tests enforce",
         "zero errors and zero leaks. Timings vary with what else the machine is doing.",
@@ -176,9 +186,11 @@ def render(results: dict[str, Any]) -> str:
             "One host, one kill per run, each re-run getting further (`DEVPI_AGENT_CRASH_AT`, a",
             "test hook: `agent/core/crashpoint.py`). `<step>:before/after` are step boundaries;",
             "`run:<command>~<text>` kills while that command runs, at its first output line",
-            "containing the text (apt-get unpacking and configuring, pip downloading and",
+            "containing the text (apt-get unpacking and configuring, uv resolving and",
             "installing, devpi-init); `+N s` kills N seconds after the point, the run going on",
-            "(halfway through pip's silent install phase). What each kill left for the next run:",
+            "(halfway through uv's downloads). On a first build the venv, devpi's config and",
+            "devpi-init run beside apt (early steps), so a kill in apt also cuts them short.",
+            "What each kill left for the next run:",
             "",
             "| # | kill point | run took | pending for the next run | dpkg audit lines "
             "| packages in the venv |",

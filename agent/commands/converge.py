@@ -139,15 +139,24 @@ def apply(
 
 @click.command()
 @config_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON document (each step's status and what it would change; no diffs).",
+)
 @click.option("--lock-timeout", type=float, default=300, show_default=True)
 @click.pass_context
-def plan(ctx: click.Context, config_path: Path, lock_timeout: float) -> None:
+def plan(ctx: click.Context, config_path: Path, as_json: bool, lock_timeout: float) -> None:
     """Show what apply would change, with diffs of the files; changes nothing."""
     config = _load_or_exit(config_path)
     require_root("plan")
     report = _converge(config, check=True, verbose=ctx.obj["verbose"], lock_timeout=lock_timeout)
-    _print_steps(report, verb="would ", diffs=True)
-    _print_summary(report)
+    if as_json:
+        click.echo(redactor(json.dumps(report.as_json(changes=True))))
+    else:
+        _print_steps(report, verb="would ", diffs=True)
+        _print_summary(report)
     _finish(report)
 
 

@@ -49,7 +49,9 @@ class RunReport:
     def failed(self) -> bool:
         return self.count("failed") > 0
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, *, changes: bool = False) -> dict[str, Any]:
+        """The run in one document; `changes`: each step's list of what it changed (or, in
+        plan, would change), as the log says it (redacted by the caller)."""
         return {
             "changed": self.count("changed"),
             "failed": self.count("failed"),
@@ -60,6 +62,7 @@ class RunReport:
                     "seconds": round(s.seconds, 3),
                     "started": round(s.started, 3),
                     **({"early": True} if s.early else {}),
+                    **({"changes": list(s.changes)} if changes else {}),
                 }
                 for s in self.steps
             ],

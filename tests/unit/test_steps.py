@@ -349,14 +349,31 @@ def test_apt_official_source_changed_forces_update(tmp_path: Path) -> None:
 # --- service user (pwd faked) -----------------------------------------------------------------
 
 
-def fake_pwd(monkeypatch: pytest.MonkeyPatch, entries: dict[str, tuple[int, str]]) -> None:
+def fake_pwd(
+    monkeypatch: pytest.MonkeyPatch,
+    entries: dict[str, tuple[int, str]],
+    groups: dict[str, int] | None = None,
+) -> None:
+    """Users (uid, home; their gid is their uid) and groups (gid): every user's own group
+    exists unless `groups` says otherwise."""
+    if groups is None:
+        groups = {name: uid for name, (uid, _) in entries.items()}
+
     def getpwnam(name: str) -> SimpleNamespace:
         if name not in entries:
             raise KeyError(name)
         uid, home = entries[name]
-        return SimpleNamespace(pw_uid=uid, pw_dir=home)
+        return SimpleNamespace(
+            pw_name=name, pw_uid=uid, pw_gid=uid, pw_dir=home, pw_gecos=service_user.COMMENT
+        )
+
+    def getgrnam(name: str) -> SimpleNamespace:
+        if name not in groups:
+            raise KeyError(name)
+        return SimpleNamespace(gr_gid=groups[name])
 
     monkeypatch.setattr(service_user, "pwd", SimpleNamespace(getpwnam=getpwnam))
+    monkeypatch.setattr(service_user, "grp", SimpleNamespace(getgrnam=getgrnam))
 
 
 def test_service_user_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,6 +399,73 @@ def test_service_user_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     service_user.converge(ctx)
     assert runner.calls == []
     assert ctx.changes == []
+
+
+def test_service_user_joins_a_group_of_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_pwd(monkeypatch, {}, groups={"devpi": 997})
+    runner = FakeRunner()
+    service_user.converge(make_ctx(tmp_path, config(), runner))
+    [useradd] = runner.calls
+    assert useradd.argv[useradd.argv.index("--gid") + 1] == "devpi"
+    assert "--user-group" not in useradd.argv
+
+
+def _devpi_home(tmp_path: Path) -> None:
+    (tmp_path / "var/lib/devpi").mkdir(parents=True, mode=0o750)
+    (tmp_path / "var/lib/devpi").chmod(0o750)
+
+
+@pytest.mark.parametrize(
+    ("shadow", "gshadow", "missing"),
+    [
+        # Killed after /etc/passwd and /etc/shadow, before /etc/group.
+        ("devpi:!:20425::::::\n", None, "group devpi"),
+        # Killed after /etc/passwd, before /etc/shadow (and the group).
+        ("", None, "group devpi, entry in /etc/shadow"),
+        # Killed after /etc/group, before /etc/gshadow.
+        ("devpi:!:20425::::::\n", "", "entry in /etc/gshadow"),
+    ],
+)
+def test_service_user_cut_short_is_made_again(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    shadow: str,
+    gshadow: str | None,
+    missing: str,
+) -> None:
+    fake_pwd(
+        monkeypatch,
+        {"devpi": (998, "/var/lib/devpi")},
+        groups={} if "group devpi" in missing else {"devpi": 998},
+    )
+    _devpi_home(tmp_path)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n" + shadow)
+    (tmp_path / "etc/gshadow").write_text(
+        "root:*::\n" + (gshadow if gshadow is not None else "devpi:!::\n")
+    )
+    runner = FakeRunner()
+    ctx = make_ctx(tmp_path, config(), runner)
+    service_user.converge(ctx)
+    userdel, useradd = runner.calls
+    assert list(userdel.argv) == ["userdel", "devpi"]
+    assert useradd.argv[0] == "useradd" and useradd.argv[-1] == "devpi"
+    assert ctx.changes == [f"make system user devpi again: a useradd was cut short (no {missing})"]
+
+
+def test_service_user_incomplete_but_not_ours_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_pwd(monkeypatch, {"devpi": (998, "/var/lib/devpi")}, groups={})
+    entry = service_user.pwd.getpwnam("devpi")
+    entry.pw_gecos = "someone's devpi"
+    monkeypatch.setattr(service_user, "_user", lambda name: entry)
+    runner = FakeRunner()
+    with pytest.raises(StepFailed, match="exists without its group devpi, and devpi-agent did not"):
+        service_user.converge(make_ctx(tmp_path, config(), runner))
+    assert runner.calls == []
 
 
 @pytest.mark.parametrize(
@@ -1093,6 +1177,38 @@ def test_plan_prints_each_steps_changes_with_their_diffs(
     assert lines[first + 1].startswith("--- ") and "+a = 1" in lines
     assert lines.index("+a = 1") < lines.index("second: would restart something")
     assert not (tmp_path / "etc/example.conf").exists()
+
+
+def test_plan_json_says_what_each_step_would_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from agent.commands import converge
+
+    def fake_converge(config: Config, *, check: bool, verbose: bool, lock_timeout: float) -> Any:
+        assert check
+        ctx = make_ctx(tmp_path, config, FakeRunner(), check=True)
+        return run_steps(
+            ctx,
+            steps(("first", ok_step), ("second", lambda c: c.change("restart something"))),
+        )
+
+    monkeypatch.setattr(converge, "_converge", fake_converge)
+    monkeypatch.setattr(converge, "require_root", lambda command: None)
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(REFERENCE_TOML)
+    result = CliRunner().invoke(
+        converge.plan, ["--config", str(config_file), "--json"], obj={"verbose": 0}
+    )
+    assert result.exit_code == 0, result.output
+    # Unconfigured, structlog logs to stdout here; the CLI sends it to stderr.
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["changed"] == 1
+    assert [(s["name"], s["status"], s["changes"]) for s in report["steps"]] == [
+        ("first", "ok", []),
+        ("second", "changed", ["restart something"]),
+    ]
 
 
 def test_plan_reports_a_stopped_program_that_apply_would_start(
