@@ -13,14 +13,13 @@ NAME = "service-user"
 
 SHADOW = Path("/etc/shadow")
 GSHADOW = Path("/etc/gshadow")
+# useradd's --comment: marks a user as one the agent made.
+COMMENT = "devpi-server (managed by devpi-agent)"
 
 
 def can_start_early(ctx: Context) -> bool:
     """On a first build, beside apt (core/engine.py): devpi-init, early too, runs as it."""
     return builds_beside_earlier_steps(ctx)
-
-
-COMMENT = "devpi-server (managed by devpi-agent)"
 
 
 def converge(ctx: Context) -> None:

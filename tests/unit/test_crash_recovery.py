@@ -115,17 +115,22 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-def test_hook_kills_the_agent_and_everything_it_started() -> None:
+def _killed_at_caddy_written(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The script run as the agent with the hook set to caddy:written, which it reaches."""
     env = {**os.environ, crash.CRASH_AT: "caddy:written", "PYTHONPATH": str(REPO_ROOT)}
     env.pop(crash.CRASH_MODE, None)
-    victim = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_VICTIM)],
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_hook_kills_the_agent_and_everything_it_started() -> None:
+    victim = _killed_at_caddy_written(_VICTIM)
     assert victim.returncode == -9, victim.stderr
     assert "survived" not in victim.stdout
     child, grandchild = (int(pid) for pid in victim.stdout.split())
@@ -188,17 +193,8 @@ def _pids_running(text: str) -> list[int]:
 def test_hook_leaves_no_command_another_thread_was_starting() -> None:
     # Found by the crash test: killed at apt:before, the early steps' useradd outlived the agent.
     marker = f"{300 + os.getpid() % 1000}.{time.monotonic_ns() % 10**6}"
-    env = {**os.environ, crash.CRASH_AT: "caddy:written", "PYTHONPATH": str(REPO_ROOT)}
-    env.pop(crash.CRASH_MODE, None)
     try:
-        victim = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(_RACING_VICTIM), marker],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        victim = _killed_at_caddy_written(_RACING_VICTIM, marker)
         assert victim.returncode == -9, victim.stderr
         assert "survived" not in victim.stdout
         assert _pids_running(f"sleep\0{marker}") == [], "a command outlived the kill"
