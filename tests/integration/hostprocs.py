@@ -97,16 +97,40 @@ def kill_nsenter_group(proc: subprocess.Popen[bytes]) -> None:
     unreaped zombie it would hold up the container's shutdown (systemd-shutdown
     waits 10 s for it).  So kill everything else in the process group, let
     nsenter reap its child and exit, and only then kill nsenter if still needed.
+
+    One pass is not enough: a command that forks while the group is being read
+    (under load, ``sh -c 'sleep N'`` may still be starting its child after the
+    timeout) leaves a child the pass did not see, which outlives its killed parent
+    in the container.  So passes repeat until no live member is left, and the
+    killed processes are waited for until they are gone (reaped), not only signalled.
     """
-    for pid in pgid_members(proc.pid):
-        if pid != proc.pid:
+    killed: set[int] = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        live = [pid for pid in pgid_members(proc.pid) if pid != proc.pid and not _zombie(pid)]
+        if not live:
+            break
+        for pid in live:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        killed.update(live)
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+    while killed and time.monotonic() < deadline:
+        killed = {pid for pid in killed if Path(f"/proc/{pid}").exists()}
+        if killed:
+            time.sleep(0.02)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rfind(")") + 2 :].split()[0] == "Z"
 
 
 def comm(pid: int) -> str:

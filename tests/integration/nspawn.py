@@ -521,7 +521,8 @@ class NspawnHost:
                 out, err = proc.communicate(input, timeout=timeout)
             except subprocess.TimeoutExpired:
                 kill_nsenter_group(proc)
-                out, err = proc.communicate()
+                # Bounded: a process that escaped the kill would hold the pipes open forever.
+                out, err = proc.communicate(timeout=30)
                 raise subprocess.TimeoutExpired(list(argv), timeout, out, err) from None
         res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
         if check and res.returncode != 0:

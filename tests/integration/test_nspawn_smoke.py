@@ -119,6 +119,20 @@ def test_systemd_host(make_host: HostFactory, record_property: RecordProperty) -
     assert not {"sh", "sleep"} & set(_container_processes(host))
 
 
+def test_a_timeout_kills_children_forked_while_the_kill_runs(make_host: HostFactory) -> None:
+    """A command still forking when its timeout hits leaves nothing behind.
+
+    CI once found a ``sleep`` alive after ``sh -c 'sleep 4242; true'`` timed out: under
+    load, sh forked it just after the kill had listed the process group. This shell forks
+    without pause, so a kill that lists the group once always misses some children."""
+    host = make_host()
+    forker = "while :; do sleep 4242 & sleep 0.002; done"
+    for _ in range(3):
+        with pytest.raises(subprocess.TimeoutExpired):
+            host.run(["sh", "-c", forker], timeout=1)
+        assert not {"sh", "sleep"} & set(_container_processes(host))
+
+
 def test_host_without_systemd(make_host: HostFactory, record_property: RecordProperty) -> None:
     host = make_host(systemd=False)
     _timings(host, record_property)
