@@ -15,12 +15,13 @@ import os
 import platform
 import ssl
 import tempfile
-import urllib.request
 import zipfile
 from pathlib import Path
 
+from agent.core import log
 from agent.core.context import Context, StepFailed
 from agent.core.devpilock import Pin, parse_lock
+from agent.core.download import DownloadFailed, download
 from agent.core.files import fsync_dir
 from agent.core.paths import SYSTEM_CA_BUNDLE
 from agent.core.resources import units_dir
@@ -87,13 +88,10 @@ def _tls() -> ssl.SSLContext:
 
 
 def _get(url: str, accept: str | None = None) -> bytes:
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
     try:
-        with urllib.request.urlopen(request, timeout=120, context=_tls()) as response:
-            data: bytes = response.read()
-            return data
-    except OSError as error:
-        raise StepFailed(f"cannot download {url}: {error}") from None
+        return download(url, log=log.get(), timeout=120, accept=accept, context=_tls())
+    except DownloadFailed as error:
+        raise StepFailed(str(error)) from None
 
 
 def _present(ctx: Context, path: Path) -> bool:

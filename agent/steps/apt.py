@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import base64
 import time
-import urllib.request
 from pathlib import Path
 
 from agent.core.context import Context, StepFailed
+from agent.core.download import DownloadFailed, download
 from agent.core.files import render
 from agent.core.paths import APT_LISTS
 from agent.facts.system import installed_packages
@@ -62,12 +62,9 @@ def _official_caddy_repo(ctx: Context) -> bool:
     if not ctx.files.exists(CADDY_KEYRING):
         if ctx.change(f"fetch Caddy's signing key into {CADDY_KEYRING}", url=CADDY_KEY_URL):
             try:
-                with urllib.request.urlopen(CADDY_KEY_URL, timeout=60) as response:
-                    armored = response.read().decode("ascii")
-            except OSError as error:
-                raise StepFailed(
-                    f"cannot download Caddy's key from {CADDY_KEY_URL}: {error}"
-                ) from None
+                armored = download(CADDY_KEY_URL, log=ctx.log, timeout=60).decode("ascii")
+            except DownloadFailed as error:
+                raise StepFailed(f"Caddy's signing key: {error}") from None
             ctx.files.ensure_file(CADDY_KEYRING, dearmor(armored), mode=0o644)
         changed = True
     content = render("caddy-stable.list.j2", keyring=str(CADDY_KEYRING))

@@ -27,6 +27,7 @@ Environment variables:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -35,6 +36,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -116,16 +118,45 @@ class HostCommandError(subprocess.CalledProcessError):
 # --------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    """Return a TCP port that is currently free on 127.0.0.1.
+# Ports for the services tests start, below Linux's ephemeral range (32768-60999), so that no
+# port the kernel picks (bind to port 0, a client's outgoing connection) can land on one. Each
+# xdist worker has a block of its own and hands out every port of it at most once per lap:
+# a port chosen while another test's host has its port chosen but its Caddy not yet started
+# would not show as taken, and Caddy (SO_REUSEPORT, listen_unix.go since 2.6.1) binds a port
+# another Caddy holds without an error, the kernel then sharing the connections between the
+# two (CI: twine reached the wrong host's Caddy, "unable to get local issuer certificate").
+_PORTS_FROM = 11000
+_PORTS_PER_BLOCK = 1500
+_XDIST_BLOCKS = 8
+_OTHER_BLOCKS = 6  # (11000 + 14 * 1500 = 32000) pytest without xdist, tools/demo.py
+_port_lock = threading.Lock()
+_port_turns = itertools.count()
 
-    Hosts share the host's network namespace, so every service a test starts
-    inside must get its own port.  (Inherently racy; good enough for tests.)
+
+def _port_block() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "").removeprefix("gw")
+    if worker.isdigit():
+        return int(worker) % _XDIST_BLOCKS
+    return _XDIST_BLOCKS + os.getpid() % _OTHER_BLOCKS
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 that no other caller in this process has been given.
+
+    Hosts share this machine's network namespace, so every service a test starts inside
+    must get its own port. Ports come from this process's block (above), in turn.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    first = _PORTS_FROM + _port_block() * _PORTS_PER_BLOCK
+    with _port_lock:
+        for _ in range(_PORTS_PER_BLOCK):
+            port = first + next(_port_turns) % _PORTS_PER_BLOCK
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise HostError(f"no free port in {first}-{first + _PORTS_PER_BLOCK - 1}")
 
 
 def default_workdir() -> Path:

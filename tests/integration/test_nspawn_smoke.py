@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import nspawn
 import pytest
 from nspawn import HostCommandError, HostFactory, NspawnHost, free_port
 
@@ -131,6 +134,25 @@ def test_a_timeout_kills_children_forked_while_the_kill_runs(make_host: HostFact
         with pytest.raises(subprocess.TimeoutExpired):
             host.run(["sh", "-c", forker], timeout=1)
         assert not {"sh", "sleep"} & set(_container_processes(host))
+
+
+def test_free_ports_come_once_per_lap_below_the_kernels_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CI once had two hosts' Caddys on one port (SO_REUSEPORT lets the second bind), twine
+    reaching the wrong one. A port is handed out once per lap of this worker's block, never from
+    the range the kernel picks ports in, and never while something listens on it."""
+    monkeypatch.setattr(nspawn, "_port_turns", itertools.count())  # the others' turns untouched
+    first = nspawn._PORTS_FROM + nspawn._port_block() * nspawn._PORTS_PER_BLOCK
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", first))
+        listener.listen()
+        ports = [free_port() for _ in range(nspawn._PORTS_PER_BLOCK - 1)]
+    assert len(set(ports)) == len(ports)
+    assert first not in ports
+    assert all(first < port < first + nspawn._PORTS_PER_BLOCK for port in ports)
+    assert not [port for port in ports if low <= port <= high]
 
 
 def test_host_without_systemd(make_host: HostFactory, record_property: RecordProperty) -> None:

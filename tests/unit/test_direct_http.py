@@ -108,8 +108,8 @@ def test_the_proxy_is_still_there_for_what_needs_it(proxy: list[bytes]) -> None:
 
 def test_every_urllib_call_in_the_agent_goes_through_the_helper() -> None:
     """One helper, not copies: urllib's own openers are used only where a proxy is wanted."""
-    # apt: Caddy's key from the web; uv: the installer from PyPI (both through a proxy if set).
-    allowed = {"agent/core/direct_http.py", "agent/steps/apt.py", "agent/host/uv.py"}
+    # core/download.py: Caddy's key and uv from the web (through a proxy if one is set).
+    allowed = {"agent/core/direct_http.py", "agent/core/download.py"}
     pattern = re.compile(r"urlopen\(|build_opener\(|HTTPSHandler\(|ProxyHandler\(|OpenerDirector")
     found = []
     for path in sorted((REPO_ROOT / "agent").rglob("*.py")):
@@ -119,4 +119,4 @@ def test_every_urllib_call_in_the_agent_goes_through_the_helper() -> None:
                 found.append(f"{relative}:{number}: {line.strip()}")
     unexpected = [f for f in found if f.split(":")[0] not in allowed]
     assert unexpected == []
-    assert any(f.startswith("agent/steps/apt.py") for f in found)
+    assert any(f.startswith("agent/core/download.py") for f in found)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FakeRunner, make_ctx, reference_config
 
+from agent.core import download
 from agent.core.context import StepFailed
 from agent.core.devpilock import Pin
 from agent.host import uv
@@ -133,8 +134,13 @@ def test_an_unreachable_index_names_the_url(
 
     monkeypatch.setattr(urllib.request, "urlopen", refused)
     monkeypatch.setattr(uv, "_get", _original_get)
+    monkeypatch.setattr(download, "RETRY_PAUSES", (0.0,))
     ctx = make_ctx(tmp_path, reference_config(), FakeRunner())
-    with pytest.raises(StepFailed, match=r"cannot download https://pypi.org/simple/uv/: "):
+    with pytest.raises(
+        StepFailed,
+        match=r"^cannot download https://pypi.org/simple/uv/: connection refused "
+        r"\(after 2 attempts\)$",
+    ):
         uv.ensure_uv(ctx)
 
 
