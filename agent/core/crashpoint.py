@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from contextlib import suppress
 
 CRASH_AT = "DEVPI_AGENT_CRASH_AT"
@@ -102,27 +101,4 @@ def _kill_process_tree() -> None:
     for pid in stopped:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _wait_until_dead(stopped)
     os.kill(me, signal.SIGKILL)
-
-
-def _wait_until_dead(pids: set[int], timeout: float = 30.0) -> None:
-    """A process in uninterruptible sleep (useradd's fsync of /etc/passwd, under load) takes
-    SIGKILL only when its system call returns: without this wait it could still be there when
-    the agent is gone (CI, the trixie crash walk: useradd outlived the agent)."""
-    deadline = time.monotonic() + timeout
-    alive = set(pids)
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if not _dead(pid)}
-        if alive:
-            time.sleep(0.01)
-
-
-def _dead(pid: int) -> bool:
-    """Gone, or a zombie: nothing of it runs any more (this process reaps none before it dies)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            stat = handle.read()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X")
