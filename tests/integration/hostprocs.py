@@ -63,30 +63,29 @@ def cmdline(pid: int) -> list[str]:
 
 def children(pid: int) -> list[int]:
     """PIDs whose parent is ``pid`` (scans /proc; works for multi-threaded parents)."""
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ..." -- comm may contain spaces/parens.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
+    return [p for p in _pids() if _stat_field(p, _PPID) == str(pid)]
 
 
 def pgid_members(pgid: int) -> list[int]:
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError):
-                stat = (entry / "stat").read_text()
-                if int(stat[stat.rfind(")") + 2 :].split()[2]) == pgid:
-                    found.append(int(entry.name))
-    return found
+    return [p for p in _pids() if _stat_field(p, _PGRP) == str(pgid)]
+
+
+# Fields of /proc/PID/stat after "pid (comm)": comm may hold spaces and parentheses.
+_STATE, _PPID, _PGRP = 0, 1, 2
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _stat_field(pid: int, index: int) -> str | None:
+    """One field of the process's stat line; None once the process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[index] if len(fields) > index else None
 
 
 def kill_nsenter_group(proc: subprocess.Popen[bytes]) -> None:
@@ -126,11 +125,7 @@ def kill_nsenter_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat[stat.rfind(")") + 2 :].split()[0] == "Z"
+    return _stat_field(pid, _STATE) in (None, "Z")
 
 
 def comm(pid: int) -> str:

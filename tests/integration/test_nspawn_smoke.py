@@ -142,16 +142,19 @@ def test_free_ports_come_once_per_lap_below_the_kernels_range(
     """CI once had two hosts' Caddys on one port (SO_REUSEPORT lets the second bind), twine
     reaching the wrong one. A port is handed out once per lap of this worker's block, never from
     the range the kernel picks ports in, and never while something listens on it."""
-    monkeypatch.setattr(nspawn, "_port_turns", itertools.count())  # the others' turns untouched
-    first = nspawn._PORTS_FROM + nspawn._port_block() * nspawn._PORTS_PER_BLOCK
+    block = nspawn._PORTS_FROM + nspawn._port_block() * nspawn._PORTS_PER_BLOCK
     low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    # Fresh turns (the others' untouched): the first port the block gives is the one held.
+    monkeypatch.setattr(nspawn, "_port_turns", itertools.count())
+    held = free_port()
     with socket.socket() as listener:
-        listener.bind(("127.0.0.1", first))
+        listener.bind(("127.0.0.1", held))
         listener.listen()
+        monkeypatch.setattr(nspawn, "_port_turns", itertools.count())
         ports = [free_port() for _ in range(200)]  # less than a lap: live hosts hold some
     assert len(set(ports)) == len(ports)
-    assert first not in ports
-    assert all(first < port < first + nspawn._PORTS_PER_BLOCK for port in ports)
+    assert held not in ports
+    assert all(block <= port < block + nspawn._PORTS_PER_BLOCK for port in ports)
     assert not [port for port in ports if low <= port <= high]
 
 
