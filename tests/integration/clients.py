@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -72,16 +73,28 @@ def make_ca_bundle(ca_cert: Path, out: Path) -> Path:
 def http_get(
     site: Site, path: str, *, auth: tuple[str, str] | None, accept: str = "*/*"
 ) -> tuple[int, str]:
-    request = urllib.request.Request(site.base + path, headers={"Accept": accept})
+    status, _, body = http_fetch(site, path, auth=auth, headers={"Accept": accept})
+    return status, body.decode("utf-8", "replace")
+
+
+def http_fetch(
+    site: Site, path: str, *, auth: tuple[str, str] | None, headers: dict[str, str]
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and the body as sent: urllib decodes no encoding."""
+    request = urllib.request.Request(site.base + path, headers=headers)
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     context = ssl.create_default_context(cafile=str(site.ca_bundle))
     try:
         with urllib.request.urlopen(request, context=context, timeout=60) as response:
-            return response.status, response.read().decode("utf-8", "replace")
+            return response.status, _lower(response.headers), response.read()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode("utf-8", "replace")
+        return error.code, _lower(error.headers), error.read()
+
+
+def _lower(headers: Message) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
 
 
 def build_wheel(directory: Path, name: str, version: str) -> Path:

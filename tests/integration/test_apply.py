@@ -8,8 +8,10 @@ relies on.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from agenthost import (
 from clients import (
     Site,
     build_wheel,
+    http_fetch,
     http_get,
     make_ca_bundle,
     pip_install,
@@ -178,6 +181,46 @@ def test_twine_upload_then_pip_and_uv_install(converged: Converged) -> None:
     uv = uv_install(site, home, work / "uv-target", f"{PACKAGE}==1.0.0")
     assert uv.returncode == 0, uv.stdout + uv.stderr
     assert (work / "uv-target" / "devpi_agent_canary" / "__init__.py").exists()
+
+
+PEP691 = "application/vnd.pypi.simple.v1+json"
+
+
+def test_index_pages_are_compressed_and_packages_are_not(converged: Converged) -> None:
+    """Caddy's encode: a client asking gets an index page gzip'd or zstd'd, a wheel as uploaded
+    (already an archive). Pages under Caddy's 512 bytes pass as they are, so six's (the
+    mirror's, through the index) is the page compressed here."""
+    site, work = converged.site, converged.workdir
+    auth = (site.user, site.password)
+    page = f"/{site.index}/+simple/six/"
+    status, headers, plain = http_fetch(site, page, auth=auth, headers={"Accept": PEP691})
+    assert status == 200 and "content-encoding" not in headers, headers
+    assert len(plain) > 4096, plain
+    status, headers, body = http_fetch(
+        site, page, auth=auth, headers={"Accept": PEP691, "Accept-Encoding": "gzip, deflate"}
+    )
+    assert status == 200 and headers.get("content-encoding") == "gzip", headers
+    assert gzip.decompress(body) == plain and len(body) < len(plain) / 2
+    status, headers, _ = http_fetch(
+        site, page, auth=auth, headers={"Accept": PEP691, "Accept-Encoding": "gzip, deflate, zstd"}
+    )
+    assert status == 200 and headers.get("content-encoding") == "zstd", headers
+
+    home = work / "encode-home"
+    home.mkdir()
+    wheel = build_wheel(work, "devpi-agent-encode-probe", "1.0.0")
+    upload = twine_upload(site, wheel, home)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    page = f"/{site.index}/+simple/devpi-agent-encode-probe/"
+    status, _, listing = http_fetch(site, page, auth=auth, headers={"Accept": PEP691})
+    files = json.loads(listing)["files"]
+    assert status == 200 and [f["filename"] for f in files] == [wheel.name], files
+    url = urllib.parse.urljoin(site.base + page, files[0]["url"]).partition("#")[0]
+    status, headers, served = http_fetch(
+        site, url[len(site.base) :], auth=auth, headers={"Accept-Encoding": "gzip, zstd"}
+    )
+    assert status == 200 and "content-encoding" not in headers, headers
+    assert served == wheel.read_bytes()
 
 
 def test_search_finds_uploads_and_the_mirror_holds_no_pypi_list(converged: Converged) -> None:
