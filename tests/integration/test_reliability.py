@@ -452,24 +452,43 @@ def test_a_useradd_cut_short_is_made_again(
 
 
 _AFTER_KILL = r"""
-import glob, json, os, subprocess
+import glob, json, os, subprocess, time
 me = os.getpid()
-orphans = []
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
-    except OSError:
-        continue
-    if int(pid) == me or not argv[0]:
-        continue
-    names = {os.path.basename(argv[0])}
-    if names & {"python", "python3"} or os.path.basename(argv[0]).startswith("python3."):
-        rest = argv[1:]
-        if "-m" in rest:
-            names.add(rest[rest.index("-m") + 1])
-        names.update(os.path.basename(a) for a in rest[:3] if a and not a.startswith("-"))
-    if names & PROGRAMS or (names == {"caddy"} and argv[1:2] in (["validate"], ["reload"])):
-        orphans.append(" ".join(argv)[:120])
+
+def left_running():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+            wchan = open(f"/proc/{pid}/wchan").read()
+            status = dict(
+                line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line
+            )
+        except OSError:
+            continue
+        if int(pid) == me or not argv[0]:
+            continue
+        names = {os.path.basename(argv[0])}
+        if names & {"python", "python3"} or os.path.basename(argv[0]).startswith("python3."):
+            rest = argv[1:]
+            if "-m" in rest:
+                names.add(rest[rest.index("-m") + 1])
+            names.update(os.path.basename(a) for a in rest[:3] if a and not a.startswith("-"))
+        if names & PROGRAMS or (names == {"caddy"} and argv[1:2] in (["validate"], ["reload"])):
+            killed = any(int(status[f], 16) >> (9 - 1) & 1 for f in ("SigPnd", "ShdPnd"))
+            found.append((killed, f"{pid} [{state} {wchan}] " + " ".join(argv)[:120]))
+    return found
+
+# SIGKILL reaches a process in uninterruptible sleep (an fsync, say) only when that call
+# returns: one the hook killed (SIGKILL pending) gets 10 s to go. One it missed is an orphan
+# at once, however soon it would end by itself.
+deadline = time.monotonic() + 10
+running = left_running()
+while any(killed for killed, _ in running) and time.monotonic() < deadline:
+    time.sleep(0.1)
+    running = left_running()
+orphans = [what for _, what in running]
 audit = subprocess.run(["dpkg", "--audit"], capture_output=True, text=True).stdout
 print(json.dumps({
     "pending": sorted(os.listdir("/var/lib/devpi-agent/pending"))
